@@ -1,0 +1,138 @@
+"""Orbax checkpoints in `workdir/checkpoints/<step>/`, a workdir lock and atomic JSON files."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from allconv_jax.errors import UserError
+
+BEST_FILE = "best_checkpoint.json"
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically: a temporary file in the same folder, then a rename."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=False)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def read_json(path: str) -> Any:
+  """Reads a JSON file; a corrupt one is a UserError naming it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path} is corrupt ({e}); delete it or set --config.restart=True") from e
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds an exclusive lock on the workdir; the OS releases it when the process dies."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, ".lock")
+  f = open(path, "a+")  # noqa: SIM115 - held open for the duration of the run
+  try:
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      owner = f.read().strip() or "unknown"
+      raise UserError(f"another run (pid {owner}) is using workdir {workdir}; wait for it "
+                      "to finish or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    yield
+  finally:
+    f.close()
+
+
+class Checkpoints:
+  """Saves and restores train states; keeps the newest `keep` plus the best one."""
+
+  def __init__(self, workdir: str, keep: int = 3) -> None:
+    self.workdir = workdir
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.keep = keep
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                             enable_async_checkpointing=False))
+
+  def steps(self) -> list[int]:
+    """Finished checkpoint steps, oldest first."""
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
+
+  def best(self) -> dict[str, Any] | None:
+    """{'step', 'epoch', 'val_accuracy'} of the best checkpoint, if one was marked."""
+    path = os.path.join(self.workdir, BEST_FILE)
+    return read_json(path) if os.path.exists(path) else None
+
+  def save(self, step: int, tree: Any, best: dict[str, Any] | None = None) -> None:
+    """Saves `tree` at `step`; `best` marks it as the best so far. Then prunes old ones."""
+    if step in self.steps():
+      self.manager.delete(step)
+    self.manager.save(step, args=ocp.args.StandardSave(tree))
+    self.manager.wait_until_finished()
+    if best is not None and jax.process_index() == 0:
+      write_json(os.path.join(self.workdir, BEST_FILE), {**best, "step": step})
+    self._prune()
+
+  def _prune(self) -> None:
+    steps = self.steps()
+    best = self.best()
+    keep = set(steps[-self.keep:]) | ({best["step"]} if best else set())
+    for step in steps:
+      if step not in keep:
+        self.manager.delete(step)
+
+  def restore(self, step: int, target: Any) -> Any:
+    """Restores the checkpoint at `step` into the structure (and shardings) of `target`."""
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def restore_newest(self, target: Any) -> tuple[int, Any] | None:
+    """The newest checkpoint that restores; corrupt ones are skipped with a warning.
+
+    Returns None when there are no checkpoints; UserError when none of them is usable.
+    """
+    steps = self.steps()
+    for step in reversed(steps):
+      try:
+        return step, self.restore(step, target)
+      except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
+        logging.warning("checkpoint %s/%d is incomplete or corrupt (%s: %s); trying the "
+                        "previous one", self.directory, step, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "")
+        print(f"warning: checkpoint {self.directory}/{step} is incomplete or corrupt; "
+              "trying the previous one", flush=True)
+    if steps:
+      raise UserError(f"no usable checkpoint in {self.directory} (tried steps "
+                      f"{', '.join(map(str, steps))}); set --config.restart=True to start over")
+    return None
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,117 @@
+"""Config checks run before any compute: every mistake is one clear line (a UserError)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+
+from allconv_jax import input_pipeline, models
+from allconv_jax.errors import UserError
+from configs import default
+
+# Keys whose change would invalidate a run that already has checkpoints.
+RUN_DEFINING_KEYS = (
+    "seed", "batch_size", "model.name", "model.width_multiplier", "model.final_relu",
+    "data.dataset", "data.label_type", "data.subset", "data.classes", "data.validation_size",
+    "data.max_train_examples", "data.preprocessing", "data.gcn_scale", "data.zca_epsilon",
+    "transfer.source",
+)
+
+
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> Iterator[
+    tuple[str, Any]]:
+  """Yields ('a.b', value) for every leaf of a (nested) config."""
+  items = config.items() if isinstance(config, dict) else config.items()
+  for key, value in items:
+    path = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from flatten(value, path + ".")
+    else:
+      yield path, value
+
+
+def _type_ok(value: Any, reference: Any) -> bool:
+  if isinstance(reference, bool):
+    return isinstance(value, bool)
+  if isinstance(reference, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(reference, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(reference, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(reference))
+
+
+def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
+  """Unknown keys and wrong types against configs/default.py."""
+  reference = dict(flatten(default.get_config()))
+  for key, value in flatten(config):
+    if key not in reference:
+      raise UserError(f"unknown config key {key!r}; see README.md, 'Config keys'")
+    if not _type_ok(value, reference[key]):
+      raise UserError(f"config key {key!r} must be a {type(reference[key]).__name__}, "
+                      f"got {value!r}")
+  for key in reference:
+    if key not in dict(flatten(config)):
+      raise UserError(f"config lacks key {key!r}; start configs from configs/default.py")
+
+
+def _require(ok: bool, key: str, what: str, value: Any) -> None:
+  if not ok:
+    raise UserError(f"config key {key!r} {what}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """All config checks: keys, types, ranges, names (no I/O beyond reading the config)."""
+  check_keys_and_types(config)
+  opt, model, ckpt = config.optimizer, config.model, config.checkpoint
+  _require(config.num_epochs >= 1, "num_epochs", "must be >= 1", config.num_epochs)
+  _require(config.batch_size >= 1, "batch_size", "must be >= 1", config.batch_size)
+  _require(config.eval_batch_size >= 1, "eval_batch_size", "must be >= 1",
+           config.eval_batch_size)
+  _require(config.log_every_steps >= 1, "log_every_steps", "must be >= 1",
+           config.log_every_steps)
+  _require(opt.learning_rate > 0, "optimizer.learning_rate", "must be > 0", opt.learning_rate)
+  _require(0 <= opt.momentum < 1, "optimizer.momentum", "must be in [0, 1)", opt.momentum)
+  _require(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", opt.weight_decay)
+  _require(opt.decay_factor > 0, "optimizer.decay_factor", "must be > 0", opt.decay_factor)
+  _require(opt.warmup_epochs >= 0, "optimizer.warmup_epochs", "must be >= 0",
+           opt.warmup_epochs)
+  bounds = list(opt.boundaries)
+  _require(all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bounds),
+           "optimizer.boundaries", "must be positive whole epochs", opt.boundaries)
+  _require(all(a < b for a, b in zip(bounds, bounds[1:], strict=False)), "optimizer.boundaries",
+           "must be strictly increasing", opt.boundaries)
+  models.check_model_name(model.name)
+  _require(model.width_multiplier > 0, "model.width_multiplier", "must be > 0",
+           model.width_multiplier)
+  _require(0 <= model.input_dropout < 1, "model.input_dropout", "must be in [0, 1)",
+           model.input_dropout)
+  _require(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)", model.dropout)
+  _require(model.dtype in models.DTYPES, "model.dtype",
+           f"must be one of {', '.join(models.DTYPES)}", model.dtype)
+  _require(model.kernel_init in models.KERNEL_INITS, "model.kernel_init",
+           f"must be one of {', '.join(models.KERNEL_INITS)}", model.kernel_init)
+  _require(ckpt.every_epochs >= 1, "checkpoint.every_epochs", "must be >= 1", ckpt.every_epochs)
+  _require(ckpt.keep >= 1, "checkpoint.keep", "must be >= 1", ckpt.keep)
+  _require(config.transfer.checkpoint in ("latest", "best"), "transfer.checkpoint",
+           "must be 'latest' or 'best'", config.transfer.checkpoint)
+  input_pipeline.check_config(config.data)
+
+
+def to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON-able nested dicts (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def run_defining_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> tuple[
+    list[str], list[str]]:
+  """(keys that would invalidate the saved run, other changed keys) between two configs."""
+  old = dict(flatten(saved))
+  new = dict(flatten(to_json(config)))
+  changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
+  bad = [k for k in changed if k in RUN_DEFINING_KEYS]
+  return bad, [k for k in changed if k not in RUN_DEFINING_KEYS]

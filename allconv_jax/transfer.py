@@ -1,0 +1,121 @@
+"""Transfer learning: start a run from another run's checkpoint (the course project's study).
+
+Step 1 (configs/transfer_step1.py): a CIFAR-10 All-CNN-C run's backbone, a new 1x1 class layer
+for a 10-class CIFAR-100 subset, the backbone frozen by `optimizer.freeze`. Step 2
+(configs/transfer_step2.py): every layer of a step-1 run, all trainable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from allconv_jax import checkpointing, input_pipeline, models
+from allconv_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A checked source run."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  preprocessing_path: str
+  which: str
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run saved in its workdir; UserError if there is none."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise UserError(f"{workdir} does not exist")
+  if not os.path.exists(path):
+    raise UserError(f"{workdir} is not a run's workdir (no config.json)")
+  return ml_collections.ConfigDict(checkpointing.read_json(path))
+
+
+def check_source(config: ml_collections.ConfigDict) -> Source | None:
+  """Checks `transfer.source` against this config before any compute (None when unset)."""
+  if not config.transfer.source:
+    return None
+  workdir = os.path.abspath(config.transfer.source)
+  try:
+    src = read_run_config(workdir)
+  except UserError as e:
+    raise UserError(f"transfer.source: {e}") from None
+  mine = (config.model.name, float(config.model.width_multiplier))
+  theirs = (src.model.name, float(src.model.width_multiplier))
+  if mine != theirs:
+    raise UserError(f"transfer.source {workdir} holds a {theirs[0]} of width x{theirs[1]:g}; "
+                    f"this config builds a {mine[0]} of width x{mine[1]:g}")
+  if not _checkpoint_steps(workdir):
+    raise UserError(f"transfer.source {workdir} has no checkpoints (train it first)")
+  if config.transfer.checkpoint == "best" and not os.path.exists(
+      os.path.join(workdir, checkpointing.BEST_FILE)):
+    raise UserError(f"transfer.source {workdir} has no best checkpoint (it ran without a "
+                    "validation set); use transfer.checkpoint=latest")
+  prep = os.path.join(workdir, "preprocessing.npz")
+  if not os.path.exists(prep):
+    raise UserError(f"transfer.source {workdir} has no preprocessing.npz")
+  if src.data.preprocessing != config.data.preprocessing:
+    raise UserError(f"transfer reuses the source's preprocessing ({src.data.preprocessing}); "
+                    f"set data.preprocessing={src.data.preprocessing}")
+  if not config.transfer.new_classifier:
+    theirs_k, mine_k = input_pipeline.num_classes(src.data), input_pipeline.num_classes(
+        config.data)
+    if theirs_k != mine_k:
+      raise UserError(f"transfer.source {workdir} has a class layer for {theirs_k} classes, "
+                      f"this run has {mine_k}; set transfer.new_classifier=True")
+  return Source(workdir, src, prep, config.transfer.checkpoint)
+
+
+def load_run_params(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict,
+                                                                  Any]:
+  """(config, params) of a run's newest usable or best checkpoint."""
+  from allconv_jax import train  # the train state layout lives there
+
+  workdir = os.path.abspath(workdir)
+  config = read_run_config(workdir)
+  model = models.create_model(config.model, input_pipeline.num_classes(config.data))
+  params = models.init_params(model, jax.random.key(0))
+  tx = train.make_optimizer(config.optimizer, 1, params)
+  target = {"state": train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)),
+            "sums": train.zero_metrics()}
+  ckpts = checkpointing.Checkpoints(workdir)
+  try:
+    if which == "best":
+      best = ckpts.best()
+      if best is None:
+        raise UserError(f"{workdir} has no best checkpoint")
+      tree = ckpts.restore(best["step"], target)
+    else:
+      restored = ckpts.restore_newest(target)
+      if restored is None:
+        raise UserError(f"{workdir} has no checkpoints")
+      tree = restored[1]
+  finally:
+    ckpts.close()
+  return config, tree["state"].params
+
+
+def initial_params(source: Source, config: ml_collections.ConfigDict, fresh: Any) -> Any:
+  """The source's backbone and, unless `transfer.new_classifier`, its class layer too."""
+  _, src = load_run_params(source.workdir, source.which)
+  for a, b in zip(jax.tree_util.tree_leaves(src["backbone"]),
+                  jax.tree_util.tree_leaves(fresh["backbone"]), strict=True):
+    if a.shape != b.shape:
+      raise UserError(f"transfer.source {source.workdir}: backbone shapes differ "
+                      f"({a.shape} vs {b.shape})")
+  classifier = fresh["classifier"] if config.transfer.new_classifier else src["classifier"]
+  return {"backbone": src["backbone"], "classifier": classifier}

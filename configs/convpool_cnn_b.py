@@ -1,0 +1,18 @@
+"""ConvPool-CNN-B on CIFAR-10 (an extra 3x3 convolution before each pool).
+
+  python main.py --config=configs/convpool_cnn_b.py --workdir=/tmp/allconv/convpool_cnn_b
+
+CIFAR-100: add --config.data.dataset=cifar100. Layer list: `python main.py
+--config=configs/convpool_cnn_b.py --summary`.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """ConvPool-CNN-B with the paper's protocol (configs/default.py)."""
+  config = default.get_config()
+  config.model.name = "convpool_cnn_b"
+  return config

@@ -1,0 +1,18 @@
+"""Model B on CIFAR-10 (the base net: each stage ends in 3x3 max-pooling with stride 2).
+
+  python main.py --config=configs/model_b.py --workdir=/tmp/allconv/model_b
+
+CIFAR-100: add --config.data.dataset=cifar100. Layer list: `python main.py
+--config=configs/model_b.py --summary`.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Model B with the paper's protocol (configs/default.py)."""
+  config = default.get_config()
+  config.model.name = "model_b"
+  return config

@@ -1,0 +1,18 @@
+"""Strided-CNN-C on CIFAR-10 (the pools removed, the convolution before each given stride 2).
+
+  python main.py --config=configs/strided_cnn_c.py --workdir=/tmp/allconv/strided_cnn_c
+
+CIFAR-100: add --config.data.dataset=cifar100. Layer list: `python main.py
+--config=configs/strided_cnn_c.py --summary`.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Strided-CNN-C with the paper's protocol (configs/default.py)."""
+  config = default.get_config()
+  config.model.name = "strided_cnn_c"
+  return config
