@@ -372,7 +372,7 @@ def _read_pickle(path: str) -> dict[str, Any]:
       obj = _CifarUnpickler(f, encoding="bytes").load()
   except OSError as e:
     raise UserError(f"cannot read {path}: {e.strerror or e}") from e
-  except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+  except Exception as e:  # any unpickling failure means a bad file
     raise _corrupt(path, f"{type(e).__name__}: {_one_line(e)}") from e
   if not isinstance(obj, dict):
     raise _corrupt(path, f"holds a {type(obj).__name__}, not a dict")
@@ -465,38 +465,31 @@ def _meta_names(folder: str, fmt: str, dataset: str) -> tuple[tuple[str, ...], .
   return tuple(result)
 
 
+def _read_batch(path: str, fmt: str, dataset: str) -> tuple[np.ndarray, list[np.ndarray]]:
+  """Images and labels of one file: [labels] (CIFAR-10) or [fine, coarse] (CIFAR-100)."""
+  if dataset == "cifar10":
+    if fmt == "python":
+      return _pickled_batch(path, ("labels",), (10,))
+    images, labels = _binary_records(path, 1, (10,))
+    return images, [labels]
+  if fmt == "python":
+    return _pickled_batch(path, ("fine_labels", "coarse_labels"), (100, 20))
+  images, coarse, fine = _binary_records(path, 2, (20, 100))
+  return images, [fine, coarse]
+
+
 def _read_local(data_config: Any) -> _Raw:
   dataset = _get(data_config, "dataset", "cifar10")
-  fine = _get(data_config, "label_type", "fine") == "fine"
+  coarse = dataset == "cifar100" and _get(data_config, "label_type", "fine") == "coarse"
+  which = 1 if coarse else 0
   folder, fmt = _find_local(str(_get(data_config, "dir", "")), dataset)
-  names = _meta_names(folder, fmt, dataset)
+  names = _meta_names(folder, fmt, dataset)[which]
   _, _, required, _ = next(layout for layout in _LAYOUTS[dataset] if layout[1] == fmt)
-  paths = [os.path.join(folder, f) for f in required]
-  if dataset == "cifar10":
-    num = (10,)
-    if fmt == "python":
-      parts = [_pickled_batch(p, ("labels",), num) for p in paths]
-      parts = [(images, labels[0]) for images, labels in parts]
-    else:
-      parts = [_binary_records(p, 1, num) for p in paths]
-    train = parts[:-1]
-    train_images = np.concatenate([p[0] for p in train]) if len(train) > 1 else train[0][0]
-    train_labels = np.concatenate([p[1] for p in train])
-    test_images, test_labels = parts[-1]
-    class_list = names[0]
-  else:
-    which = 0 if fine else 1
-    splits = []
-    for p in paths:
-      if fmt == "python":
-        images, labels = _pickled_batch(p, ("fine_labels", "coarse_labels"), (100, 20))
-      else:
-        images, coarse, fine_labels = _binary_records(p, 2, (20, 100))
-        labels = [fine_labels, coarse]
-      splits.append((images, labels[which]))
-    (train_images, train_labels), (test_images, test_labels) = splits
-    class_list = names[which]
-  return _Raw(train_images, train_labels, test_images, test_labels, tuple(class_list))
+  parts = [_read_batch(os.path.join(folder, f), fmt, dataset) for f in required]
+  train, (test_images, test_labels) = parts[:-1], parts[-1]  # the test file comes last
+  train_images = train[0][0] if len(train) == 1 else np.concatenate([im for im, _ in train])
+  train_labels = np.concatenate([labels[which] for _, labels in train])
+  return _Raw(train_images, train_labels, test_images, test_labels[which], names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +528,7 @@ def _read_tfds(data_config: Any) -> _Raw:
       for batch in tfds.as_numpy(ds.batch(1000)):
         images.append(np.asarray(batch["image"], dtype=np.uint8))
         labels.append(np.asarray(batch[label_key], dtype=np.int32))
-    except Exception as e:  # noqa: BLE001 - tfds raises many types (not prepared, offline, ...)
+    except Exception as e:  # tfds raises many types (not prepared, offline, ...)
       raise UserError(
         f"tensorflow_datasets could not load {dataset} {split} "
         f"(data_dir={data_dir or 'default'}): {type(e).__name__}: {_one_line(e)}; "
@@ -788,7 +781,7 @@ def load_preprocessing(path: str) -> dict[str, np.ndarray]:
   try:
     with np.load(path, allow_pickle=False) as f:
       stats = {k: f[k] for k in f.files}
-  except Exception as e:  # noqa: BLE001 - zip/npy errors of a damaged file
+  except Exception as e:  # zip/npy errors of a damaged file
     raise UserError(f"preprocessing statistics {path} are corrupt: {_one_line(e)}") from e
   kind = str(stats["kind"]) if "kind" in stats else None
   if kind not in _REQUIRED_STATS or any(k not in stats for k in _REQUIRED_STATS[kind]):

@@ -9,7 +9,10 @@ Three base nets (A, B, C) and three transformations of them (section 2 of the pa
 
 A network is a tuple of layer specs (`layer_list`); one Flax module (`AllConvNet`) runs any of
 them. The class layer is the submodule ``classifier``, everything before it is ``backbone``, so
-transfer learning can swap the one and freeze the other by name.
+transfer learning can swap the one and freeze the other by name. Each convolution's output
+(after its ReLU) is sown into the 'intermediates' collection: `intermediates['backbone'][
+'stage2_conv1_act']`, and the class maps (after the final ReLU, if any) as
+`intermediates['classifier_act']`.
 """
 
 from __future__ import annotations
@@ -166,7 +169,7 @@ def relu(x: jax.Array, rule: str = "standard") -> jax.Array:
 
 
 class Backbone(nn.Module):
-  """Runs a layer list; each activation is sown into 'intermediates' under its layer name."""
+  """Runs a layer list; each conv's ReLU output is sown into 'intermediates' as '<name>_act'."""
   layers: tuple[Layer, ...]
   kernel_init: str = "he_normal"
   bias_init: float = 0.0
@@ -183,7 +186,7 @@ class Backbone(nn.Module):
                     bias_init=nn.initializers.constant(self.bias_init), dtype=self.dtype,
                     param_dtype=jnp.float32, name=layer.name)(x)
         x = relu(x, self.relu_rule)
-        self.sow("intermediates", layer.name, x)
+        self.sow("intermediates", f"{layer.name}_act", x)
       elif isinstance(layer, MaxPool):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
       else:
@@ -215,7 +218,7 @@ class AllConvNet(nn.Module):
                 param_dtype=jnp.float32, name="classifier")(x)
     if self.final_relu:
       x = relu(x, self.relu_rule)
-    self.sow("intermediates", "classifier", x)
+    self.sow("intermediates", "classifier_act", x)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 

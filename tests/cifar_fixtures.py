@@ -4,7 +4,7 @@ Files are laid out as the downloads from https://www.cs.toronto.edu/~kriz/cifar.
 batches are protocol-2 pickles with byte-string keys whose b'data' is uint8 [N, 3072] (the R, then
 G, then B 32x32 plane, row-major); binary records are label byte(s) + 3072 pixel bytes.
 
-  import cifar_fixtures
+  from tests import cifar_fixtures
   fake = cifar_fixtures.make_cifar10(tmp_path, "python", n_train=50, n_test=10)
   config.data.source, config.data.dir = "local", str(tmp_path)
 """

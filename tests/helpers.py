@@ -1,0 +1,70 @@
+"""Shared test helpers: a tiny, fast config and a way to run main.py in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import ml_collections
+
+from configs import default
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """All-CNN-C at width x0.05 on 256 synthetic images: a run takes seconds on a CPU.
+
+  Overrides use '__' for nesting, e.g. tiny_config(model__name='model_a', num_epochs=3).
+  """
+  config = default.get_config()
+  config.num_epochs = 2
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.log_every_steps = 4
+  config.tensorboard = False
+  config.model.width_multiplier = 0.05
+  config.data.source = "synthetic"
+  config.data.preprocessing = "meanstd"
+  config.data.validation_size = 64
+  config.data.max_train_examples = 256
+  config.data.max_test_examples = 64
+  config.optimizer.learning_rate = 0.05
+  config.checkpoint.every_epochs = 1
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split("__")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+def tiny_flags(**overrides: Any) -> list[str]:
+  """The --config.* flags that turn configs/all_cnn_c.py into tiny_config(**overrides)."""
+  from allconv_jax import config_lib
+
+  flat = dict(config_lib.flatten(tiny_config(**overrides)))
+  base = dict(config_lib.flatten(default.get_config()))
+  base["model.name"] = "all_cnn_c"
+  out = []
+  for key, value in flat.items():
+    if value != base.get(key):
+      out.append(f"--config.{key}={value}")
+  return out
+
+
+def run_main(*args: str, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
+  """Runs `python main.py ARGS` from the repository root and captures its output."""
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "main.py"), *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    **kwargs,
+  )

@@ -1,0 +1,631 @@
+"""Tests of allconv_jax.input_pipeline on tiny official-format CIFAR files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from allconv_jax import input_pipeline as ip
+from allconv_jax.errors import UserError
+from configs import default
+from tests import cifar_fixtures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """The default data config with `overrides`."""
+  cfg = default.get_config().data
+  for key, value in overrides.items():
+    setattr(cfg, key, value)
+  return cfg
+
+
+def local(path, **overrides) -> ml_collections.ConfigDict:
+  return data_config(source="local", dir=str(path), **overrides)
+
+
+def user_error(fn, *args, **kwargs) -> str:
+  """Calls fn, expects a UserError with a one-line message and returns the message."""
+  with pytest.raises(UserError) as info:
+    fn(*args, **kwargs)
+  message = str(info.value)
+  assert message and "\n" not in message
+  return message
+
+
+def expected_order(n: int, seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).permutation(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Constants and config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_class_lists():
+  assert len(ip.CIFAR10_CLASSES) == 10 and ip.CIFAR10_CLASSES[0] == "airplane"
+  assert len(set(ip.CIFAR100_FINE)) == 100 and list(ip.CIFAR100_FINE) == sorted(ip.CIFAR100_FINE)
+  assert len(set(ip.CIFAR100_COARSE)) == 20
+  assert list(ip.CIFAR100_COARSE) == sorted(ip.CIFAR100_COARSE)
+  assert np.bincount(ip.CIFAR100_FINE_TO_COARSE, minlength=20).tolist() == [5] * 20
+  coarse_of = {
+    f: ip.CIFAR100_COARSE[c]
+    for f, c in zip(ip.CIFAR100_FINE, ip.CIFAR100_FINE_TO_COARSE, strict=True)
+  }
+  assert coarse_of["bus"] == "vehicles_1" and coarse_of["streetcar"] == "vehicles_2"
+  assert coarse_of["maple_tree"] == "trees" and coarse_of["keyboard"].startswith("household_elec")
+  for subset in ("class1", "class2"):
+    assert len(set(ip.SUBSETS[subset])) == 10 and set(ip.SUBSETS[subset]) <= set(ip.CIFAR100_FINE)
+  assert not set(ip.SUBSETS["class1"]) & set(ip.SUBSETS["class2"])
+
+
+@pytest.mark.parametrize(
+  "overrides, names",
+  [
+    ({}, ip.CIFAR10_CLASSES),
+    ({"dataset": "cifar10", "label_type": "coarse"}, ip.CIFAR10_CLASSES),  # ignored for cifar10
+    ({"dataset": "cifar100"}, ip.CIFAR100_FINE),
+    ({"dataset": "cifar100", "label_type": "coarse"}, ip.CIFAR100_COARSE),
+    ({"dataset": "cifar100", "subset": "class1"}, ip.SUBSETS["class1"]),
+    ({"dataset": "cifar100", "subset": "class2"}, ip.SUBSETS["class2"]),
+    ({"dataset": "cifar100", "classes": "tiger, apple,bus"}, ("tiger", "apple", "bus")),
+    ({"classes": "dog,cat"}, ("dog", "cat")),
+  ],
+)
+def test_class_names(overrides, names):
+  cfg = data_config(**overrides)
+  assert ip.class_names(cfg) == names
+  assert ip.num_classes(cfg) == len(names)
+
+
+@pytest.mark.parametrize(
+  "overrides, fragment",
+  [
+    ({"source": "s3"}, "data.source"),
+    ({"dataset": "mnist"}, "data.dataset 'mnist'"),
+    ({"label_type": "medium"}, "data.label_type"),
+    ({"preprocessing": "pca"}, "data.preprocessing"),
+    ({"dataset": "cifar100", "subset": "class3"}, "data.subset"),
+    ({"dataset": "cifar100", "subset": "class1", "classes": "bus,train"}, "not both"),
+    ({"subset": "class1"}, "cifar100"),
+    ({"dataset": "cifar100", "label_type": "coarse", "subset": "class2"}, "label_type=fine"),
+    ({"dataset": "cifar100", "classes": "bus,unicorn,dragon"}, "unicorn, dragon"),
+    ({"classes": "cat,bus"}, "bus"),
+    ({"dataset": "cifar100", "classes": "bus,bus"}, "repeats bus"),
+    ({"dataset": "cifar100", "classes": "bus"}, "at least 2"),
+    ({"validation_size": -1}, "data.validation_size"),
+    ({"max_train_examples": -5}, "data.max_train_examples"),
+    ({"max_test_examples": -5}, "data.max_test_examples"),
+    ({"translate_pixels": -1}, "data.translate_pixels"),
+    ({"gcn_scale": 0.0}, "data.gcn_scale"),
+    ({"zca_epsilon": -0.1}, "data.zca_epsilon"),
+    ({"zca_epsilon": 0.0}, "singular"),
+    ({"source": "local", "dir": ""}, "data.dir"),
+  ],
+)
+def test_check_config_errors(overrides, fragment):
+  message = user_error(ip.check_config, data_config(**overrides))
+  assert fragment in message
+  # Every entry point validates the config the same way.
+  assert user_error(ip.load_splits, data_config(**overrides), 0) == message
+
+
+def test_check_config_accepts_valid():
+  ip.check_config(data_config())
+  ip.check_config(data_config(zca_epsilon=0.0, preprocessing="meanstd"))
+  ip.check_config(data_config(dataset="cifar100", label_type="coarse", classes="trees,people"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["python", "binary"])
+def test_cifar10_reads_back_exactly(tmp_path, fmt):
+  fake = cifar_fixtures.make_cifar10(tmp_path, fmt, n_train=53, n_test=17)
+  ip.check_available(local(tmp_path))
+  splits = ip.load_splits(local(tmp_path, validation_size=0), seed=3)
+  order = expected_order(53, 3)
+  np.testing.assert_array_equal(splits.train_images, fake.train_images[order])
+  np.testing.assert_array_equal(splits.train_labels, fake.train_labels[order])
+  np.testing.assert_array_equal(splits.test_images, fake.test_images)
+  np.testing.assert_array_equal(splits.test_labels, fake.test_labels)
+  assert splits.val_images.shape == (0, 32, 32, 3) and splits.val_labels.shape == (0,)
+  assert splits.train_images.dtype == np.uint8 and splits.train_labels.dtype == np.int32
+  assert splits.class_names == ip.CIFAR10_CLASSES
+
+
+@pytest.mark.parametrize("fmt", ["python", "binary"])
+@pytest.mark.parametrize("label_type", ["fine", "coarse"])
+def test_cifar100_reads_back_exactly(tmp_path, fmt, label_type):
+  fake = cifar_fixtures.make_cifar100(tmp_path, fmt, n_train=230, n_test=120)
+  cfg = local(tmp_path, dataset="cifar100", label_type=label_type, validation_size=30)
+  splits = ip.load_splits(cfg, seed=5)
+  train_labels = fake.train_labels if label_type == "fine" else fake.train_coarse
+  test_labels = fake.test_labels if label_type == "fine" else fake.test_coarse
+  order = expected_order(230, 5)
+  np.testing.assert_array_equal(splits.val_images, fake.train_images[order[:30]])
+  np.testing.assert_array_equal(splits.val_labels, train_labels[order[:30]])
+  np.testing.assert_array_equal(splits.train_images, fake.train_images[order[30:]])
+  np.testing.assert_array_equal(splits.train_labels, train_labels[order[30:]])
+  np.testing.assert_array_equal(splits.test_images, fake.test_images)
+  np.testing.assert_array_equal(splits.test_labels, test_labels)
+  expected_names = ip.CIFAR100_FINE if label_type == "fine" else ip.CIFAR100_COARSE
+  assert splits.class_names == expected_names
+
+
+def test_pixel_layout_is_rgb_planes(tmp_path):
+  """A red-only image in the HWC array comes from the first 1024 bytes of its row."""
+  images = np.zeros((5, 32, 32, 3), np.uint8)
+  images[0, :, :, 0] = np.arange(1024).reshape(32, 32) % 251
+  images[1, 3, 7, 2] = 200
+  labels = np.arange(5)
+  cifar_fixtures.write_cifar10(tmp_path, "binary", images, labels, images, labels)
+  raw = np.fromfile(tmp_path / "cifar-10-batches-bin" / "test_batch.bin", np.uint8)
+  raw = raw.reshape(5, 3073)
+  assert raw[0, 1:1025].tolist() == (np.arange(1024) % 251).tolist()
+  assert raw[1, 1 + 2048 + 3 * 32 + 7] == 200
+  splits = ip.load_splits(local(tmp_path, validation_size=0), 0)
+  np.testing.assert_array_equal(splits.test_images, images)
+
+
+def test_dir_may_point_at_the_folder_and_meta_names_are_used(tmp_path):
+  images = cifar_fixtures.random_images(12, 0)
+  labels = np.arange(12) % 10
+  names = tuple(n.upper() for n in ip.CIFAR10_CLASSES)
+  folder = cifar_fixtures.write_cifar10(tmp_path, "python", images, labels, images, labels, names)
+  splits = ip.load_splits(local(folder, validation_size=2), 0)
+  assert splits.class_names == names
+  assert len(splits.train_images) == 10 and len(splits.val_images) == 2
+
+
+def test_without_meta_files_the_standard_names_are_used(tmp_path):
+  images = cifar_fixtures.random_images(12, 0)
+  labels = np.arange(12) % 10
+  cifar_fixtures.write_cifar10(tmp_path, "binary", images, labels, images, labels, None)
+  assert not os.path.exists(tmp_path / "cifar-10-batches-bin" / "batches.meta.txt")
+  assert ip.load_splits(local(tmp_path, validation_size=2), 0).class_names == ip.CIFAR10_CLASSES
+
+
+def test_python_folder_preferred_and_incomplete_one_skipped(tmp_path):
+  fake = cifar_fixtures.make_cifar10(tmp_path, "binary", n_train=20, n_test=10)
+  (tmp_path / "cifar-10-batches-py").mkdir()  # empty python folder next to a complete binary one
+  splits = ip.load_splits(local(tmp_path, validation_size=0, max_test_examples=4), 0)
+  np.testing.assert_array_equal(splits.test_images, fake.test_images[:4])
+
+
+# ---------------------------------------------------------------------------------------------
+# Subsets, validation split and cuts
+# ---------------------------------------------------------------------------------------------
+
+
+def _identify(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+  """Index in `reference` of each image (images are unique random arrays)."""
+  index = {img.tobytes(): i for i, img in enumerate(reference)}
+  return np.asarray([index[img.tobytes()] for img in images], dtype=np.int64)
+
+
+@pytest.mark.parametrize(
+  "overrides, names",
+  [
+    ({"subset": "class1"}, ip.SUBSETS["class1"]),
+    ({"subset": "class2"}, ip.SUBSETS["class2"]),
+    ({"classes": "tiger,apple,bus"}, ("tiger", "apple", "bus")),
+  ],
+)
+def test_subsets_remap_labels_in_list_order(tmp_path, overrides, names):
+  fake = cifar_fixtures.make_cifar100(tmp_path, "python", n_train=300, n_test=200)
+  cfg = local(tmp_path, dataset="cifar100", validation_size=len(names), **overrides)
+  splits = ip.load_splits(cfg, seed=1)
+  assert splits.class_names == names
+  for images, labels, ref_images, ref_fine in [
+    (splits.train_images, splits.train_labels, fake.train_images, fake.train_labels),
+    (splits.val_images, splits.val_labels, fake.train_images, fake.train_labels),
+    (splits.test_images, splits.test_labels, fake.test_images, fake.test_labels),
+  ]:
+    original = [ip.CIFAR100_FINE[i] for i in ref_fine[_identify(images, ref_images)]]
+    assert [names[i] for i in labels] == original
+  assert len(splits.train_images) + len(splits.val_images) == 3 * len(names)
+  assert np.bincount(splits.test_labels).tolist() == [2] * len(names)
+
+
+def test_cifar10_explicit_classes(tmp_path):
+  fake = cifar_fixtures.make_cifar10(tmp_path, "binary", n_train=100, n_test=30)
+  splits = ip.load_splits(local(tmp_path, classes="dog,cat", validation_size=0), 0)
+  expected = np.where(fake.test_labels == 5, 0, 1)[np.isin(fake.test_labels, [3, 5])]
+  np.testing.assert_array_equal(splits.test_labels, expected)
+  assert len(splits.train_labels) == 20 and set(splits.train_labels.tolist()) == {0, 1}
+
+
+def test_validation_split_is_deterministic_and_disjoint(tmp_path):
+  fake = cifar_fixtures.make_cifar10(tmp_path, "python", n_train=60, n_test=10)
+  cfg = local(tmp_path, validation_size=15)
+  a, b, c = ip.load_splits(cfg, 7), ip.load_splits(cfg, 7), ip.load_splits(cfg, 8)
+  np.testing.assert_array_equal(a.val_images, b.val_images)
+  np.testing.assert_array_equal(a.train_images, b.train_images)
+  assert not np.array_equal(a.val_images, c.val_images)
+  val, train = (
+    _identify(a.val_images, fake.train_images),
+    _identify(a.train_images, fake.train_images),
+  )
+  assert len(val) == 15 and len(train) == 45
+  assert not set(val) & set(train) and set(val) | set(train) == set(range(60))
+  np.testing.assert_array_equal(val, expected_order(60, 7)[:15])
+  np.testing.assert_array_equal(a.val_labels, fake.train_labels[val])
+
+
+def test_max_examples_cut_after_the_split(tmp_path):
+  fake = cifar_fixtures.make_cifar10(tmp_path, "python", n_train=60, n_test=10)
+  cfg = local(tmp_path, validation_size=15, max_train_examples=20, max_test_examples=3)
+  splits = ip.load_splits(cfg, 2)
+  full = ip.load_splits(local(tmp_path, validation_size=15), 2)
+  assert len(splits.val_images) == 15 and len(splits.train_images) == 20
+  np.testing.assert_array_equal(splits.val_images, full.val_images)
+  np.testing.assert_array_equal(splits.train_images, full.train_images[:20])
+  np.testing.assert_array_equal(splits.test_images, fake.test_images[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors from files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_folder(tmp_path):
+  missing = tmp_path / "nowhere"
+  message = user_error(ip.check_available, local(missing))
+  assert str(missing) in message and "cifar-10-batches-py/" in message
+  assert "cifar-10-batches-bin/" in message and "cs.toronto.edu/~kriz/cifar.html" in message
+  assert "data.source=tfds" in message
+  assert user_error(ip.load_splits, local(missing), 0) == message
+
+
+def test_empty_folder(tmp_path):
+  message = user_error(ip.check_available, local(tmp_path, dataset="cifar100"))
+  assert str(tmp_path) in message
+  assert "cifar-100-python/" in message and "cifar-100-binary/" in message
+  assert "cs.toronto.edu/~kriz/cifar.html" in message
+
+
+def test_incomplete_folder_names_the_missing_files(tmp_path):
+  cifar_fixtures.make_cifar10(tmp_path, "python", n_train=20, n_test=5)
+  os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_4")
+  message = user_error(ip.check_available, local(tmp_path))
+  assert "cifar-10-batches-py" in message and "data_batch_4" in message
+  assert "data_batch_3" not in message
+
+
+def test_unextracted_archive(tmp_path):
+  (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b")
+  assert "tar xzf" in user_error(ip.check_available, local(tmp_path))
+
+
+@pytest.mark.parametrize(
+  "dataset, name", [("cifar10", "data_batch_3.bin"), ("cifar100", "test.bin")]
+)
+def test_truncated_binary_file(tmp_path, dataset, name):
+  make = cifar_fixtures.make_cifar10 if dataset == "cifar10" else cifar_fixtures.make_cifar100
+  fake = make(tmp_path, "binary", n_train=50, n_test=20)
+  path = os.path.join(fake.folder, name)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 100)
+  ip.check_available(local(tmp_path, dataset=dataset))  # cheap check does not read the files
+  message = user_error(ip.load_splits, local(tmp_path, dataset=dataset, validation_size=5), 0)
+  assert path in message and "truncated or corrupt" in message
+
+
+@pytest.mark.parametrize("damage", ["garbage", "half", "empty", "not_a_dict", "short_data"])
+def test_corrupt_pickle(tmp_path, damage):
+  fake = cifar_fixtures.make_cifar10(tmp_path, "python", n_train=50, n_test=20)
+  path = os.path.join(fake.folder, "data_batch_2")
+  content = open(path, "rb").read()
+  if damage == "garbage":
+    content = b"this is not a pickle" * 10
+  elif damage == "half":
+    content = content[: len(content) // 2]
+  elif damage == "empty":
+    content = b""
+  elif damage == "not_a_dict":
+    content = __import__("pickle").dumps([1, 2, 3], protocol=2)
+  else:
+    content = __import__("pickle").dumps(
+      {b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}, protocol=2
+    )
+  with open(path, "wb") as f:
+    f.write(content)
+  message = user_error(ip.load_splits, local(tmp_path, validation_size=5), 0)
+  assert path in message and "truncated or corrupt" in message
+
+
+def test_pickle_with_foreign_objects_is_refused(tmp_path):
+  fake = cifar_fixtures.make_cifar10(tmp_path, "python", n_train=50, n_test=20)
+  path = os.path.join(fake.folder, "test_batch")
+  marker = tmp_path / "executed"
+
+  class Evil:
+    def __reduce__(self):
+      return (os.mkdir, (str(marker),))
+
+  with open(path, "wb") as f:
+    __import__("pickle").dump({b"data": Evil()}, f, protocol=2)
+  message = user_error(ip.load_splits, local(tmp_path, validation_size=5), 0)
+  assert path in message and not marker.exists()
+
+
+def test_labels_out_of_range(tmp_path):
+  images = cifar_fixtures.random_images(10, 0)
+  labels = np.arange(10) + 3  # 10, 11, 12 are not CIFAR-10 labels
+  cifar_fixtures.write_cifar10(tmp_path, "binary", images, labels, images, labels % 10)
+  message = user_error(ip.load_splits, local(tmp_path, validation_size=1), 0)
+  assert "data_batch_" in message and "labels outside 0..9" in message
+
+
+def test_validation_set_larger_than_training_set(tmp_path):
+  cifar_fixtures.make_cifar10(tmp_path, "python", n_train=50, n_test=20)
+  message = user_error(ip.load_splits, local(tmp_path, validation_size=50), 0)
+  assert message == "data.validation_size (50) must be smaller than the training set (50 images)"
+  cifar_fixtures.make_cifar100(tmp_path, "python", n_train=300, n_test=100)
+  cfg = local(tmp_path, dataset="cifar100", subset="class1", validation_size=1000)
+  assert "(1000)" in user_error(ip.load_splits, cfg, 0) and "(30 images)" in user_error(
+    ip.load_splits, cfg, 0
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic and TFDS
+# ---------------------------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic_and_learnable():
+  cfg = data_config(source="synthetic", validation_size=500)
+  a, b = ip.load_splits(cfg, 0), ip.load_splits(cfg, 1)
+  assert a.train_images.shape == (4500, 32, 32, 3) and a.test_images.shape == (1000, 32, 32, 3)
+  assert a.train_images.dtype == np.uint8 and a.train_labels.dtype == np.int32
+  np.testing.assert_array_equal(a.test_images, b.test_images)  # independent of the run seed
+  assert not np.array_equal(a.val_images, b.val_images)  # but the split follows it
+  assert np.bincount(a.test_labels).tolist() == [100] * 10
+  # Nearest class mean on raw pixels separates the classes: there is a learnable signal.
+  x = a.train_images.reshape(len(a.train_images), -1).astype(np.float32)
+  means = np.stack([x[a.train_labels == k].mean(0) for k in range(10)])
+  t = a.test_images.reshape(1000, -1).astype(np.float32)
+  pred = np.argmin(((t[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+  assert (pred == a.test_labels).mean() > 0.9
+
+
+def test_synthetic_cifar100():
+  fine = ip.load_splits(data_config(source="synthetic", dataset="cifar100"), 0)
+  coarse = ip.load_splits(
+    data_config(source="synthetic", dataset="cifar100", label_type="coarse"), 0
+  )
+  assert fine.train_labels.max() == 99 and len(fine.train_images) == 4000
+  to_coarse = np.asarray(ip.CIFAR100_FINE_TO_COARSE)
+  np.testing.assert_array_equal(coarse.test_labels, to_coarse[fine.test_labels])
+  sub = ip.load_splits(
+    data_config(source="synthetic", dataset="cifar100", subset="class2", validation_size=50), 0
+  )
+  assert sub.class_names == ip.SUBSETS["class2"] and len(sub.test_images) == 100
+  assert sorted(set(sub.train_labels.tolist())) == list(range(10))
+
+
+def test_tfds_mock_data():
+  import tensorflow_datasets as tfds
+
+  cfg = data_config(source="tfds", validation_size=4, max_test_examples=5)
+  ip.check_available(cfg)
+  with tfds.testing.mock_data(num_examples=12):
+    splits = ip.load_splits(cfg, seed=0)
+    direct = [b for b in tfds.as_numpy(tfds.load("cifar10", split="train").batch(100))][0]
+    coarse = ip.load_splits(data_config(source="tfds", dataset="cifar100", label_type="coarse",
+                                        validation_size=2), seed=0)  # fmt: skip
+  order = expected_order(12, 0)
+  assert splits.train_images.shape == (8, 32, 32, 3) and splits.train_images.dtype == np.uint8
+  np.testing.assert_array_equal(splits.val_images, direct["image"][order[:4]])
+  np.testing.assert_array_equal(splits.train_labels, direct["label"][order[4:]])
+  assert splits.train_labels.dtype == np.int32 and len(splits.test_images) == 5
+  assert coarse.class_names == ip.CIFAR100_COARSE and coarse.train_labels.max() < 20
+
+
+def test_tfds_missing(monkeypatch):
+  real = ip.importlib.util.find_spec
+  monkeypatch.setattr(
+    ip.importlib.util,
+    "find_spec",
+    lambda name, *a: None if name == "tensorflow_datasets" else real(name, *a),
+  )
+  message = user_error(ip.check_available, data_config(source="tfds"))
+  assert "pip install tensorflow-cpu tensorflow-datasets" in message
+  assert "data.source=local" in message
+
+
+def test_local_and_synthetic_do_not_import_tensorflow(tmp_path):
+  cifar_fixtures.make_cifar10(tmp_path, "binary", n_train=20, n_test=5)
+  code = textwrap.dedent(f"""
+    import sys
+    import ml_collections
+    from allconv_jax import input_pipeline as ip
+    from configs import default
+    cfg = default.get_config().data
+    cfg.source, cfg.dir, cfg.validation_size = "local", {str(tmp_path)!r}, 5
+    cfg.preprocessing = "meanstd"
+    s = ip.load_splits(cfg, 0)
+    ip.apply_preprocessing(ip.fit_preprocessing(cfg, s.train_images), s.train_images)
+    cfg.source = "synthetic"
+    ip.load_splits(cfg, 0)
+    ip.check_available(cfg)
+    bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
+    print("TF" if bad else "OK", bad[:3])
+  """)
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("OK"), result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_meanstd_and_none():
+  images = cifar_fixtures.random_images(7, 0)
+  stats = ip.fit_preprocessing(data_config(preprocessing="meanstd"), images)
+  out = ip.apply_preprocessing(stats, images)
+  assert out.dtype == np.float32 and out.shape == images.shape
+  expected = (images / 255.0 - np.array([0.4914, 0.4822, 0.4465])) / np.array(
+    [0.2023, 0.1994, 0.2010]
+  )
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  none = ip.apply_preprocessing(
+    ip.fit_preprocessing(data_config(preprocessing="none"), images), images
+  )
+  np.testing.assert_allclose(none, images / 255.0, rtol=1e-6)
+
+
+def test_gcn_matches_pylearn2_definition():
+  rows = cifar_fixtures.random_images(6, 1).reshape(6, -1)
+  rows[5] = 17  # a constant image stays zero (divisor below min_divisor -> 1)
+  x = ip._gcn(rows, 55.0)
+  np.testing.assert_allclose(x.mean(axis=1), 0, atol=1e-12)
+  np.testing.assert_allclose(np.linalg.norm(x[:5], axis=1), 55.0, rtol=1e-12)
+  np.testing.assert_array_equal(x[5], 0)
+
+
+def _smooth_images(n: int, seed: int) -> np.ndarray:
+  """Correlated images (a coarse random grid upsampled plus noise): not white to start with."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.normal(128, 50, size=(n, 4, 4, 3))
+  images = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2) + rng.normal(0, 8, (n, 32, 32, 3))
+  return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def test_gcn_zca_whitens_the_training_data(tmp_path):
+  train = _smooth_images(300, 0)
+  cfg = data_config(preprocessing="gcn_zca", zca_epsilon=1e-5)
+  stats = ip.fit_preprocessing(cfg, train)
+  assert str(stats["kind"]) == "gcn_zca" and stats["whitening"].shape == (3072, 3072)
+  np.testing.assert_allclose(stats["whitening"], stats["whitening"].T, atol=1e-4)  # ZCA: symmetric
+  y = ip.apply_preprocessing(stats, train).reshape(300, -1).astype(np.float64)
+  np.testing.assert_allclose(y.mean(axis=0), 0, atol=1e-3)
+  # N < D: the covariance is the identity on the span of the centred data (rank N - 1).
+  eig = np.sort(np.linalg.eigvalsh(y @ y.T / 300))
+  assert eig[0] < 1e-4
+  np.testing.assert_allclose(eig[1:], 1.0, atol=1e-3)
+  before = np.sort(np.linalg.eigvalsh(np.cov(train.reshape(300, -1).astype(np.float64))))
+  assert before[-1] / before[1] > 100  # the input was far from white
+
+  # Saved and loaded statistics give identical outputs on other data.
+  test = _smooth_images(20, 1)
+  path = str(tmp_path / "sub" / "preprocessing")
+  ip.save_preprocessing(path, stats)
+  assert os.listdir(tmp_path / "sub") == ["preprocessing"]  # no suffix added, no temp file left
+  loaded = ip.load_preprocessing(path)
+  assert set(loaded) == set(stats) and str(loaded["kind"]) == "gcn_zca"
+  np.testing.assert_array_equal(
+    ip.apply_preprocessing(loaded, test), ip.apply_preprocessing(stats, test)
+  )
+
+
+def test_zca_matrix_eigh_and_svd_paths_agree():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(200, 30)) @ rng.normal(size=(30, 30))  # correlated, full rank
+  x -= x.mean(axis=0)
+  w_eigh = ip._zca_matrix(None, x.T @ x / 200, 200, 1e-9)
+  w_svd = ip._zca_matrix(x, None, 200, 1e-9)
+  np.testing.assert_allclose(w_eigh, w_svd, atol=1e-6)
+  y = x @ w_eigh
+  np.testing.assert_allclose(y.T @ y / 200, np.eye(30), atol=1e-6)
+  # epsilon damps the small directions exactly as 1/sqrt(eig + eps)
+  eig, vec = np.linalg.eigh(x.T @ x / 200)
+  np.testing.assert_allclose(
+    ip._zca_matrix(x, None, 200, 0.5), (vec / np.sqrt(eig + 0.5)) @ vec.T, atol=1e-9
+  )
+
+
+@pytest.mark.parametrize("kind", ["none", "meanstd"])
+def test_save_load_other_kinds(tmp_path, kind):
+  images = cifar_fixtures.random_images(3, 0)
+  stats = ip.fit_preprocessing(data_config(preprocessing=kind), images)
+  ip.save_preprocessing(str(tmp_path / "p.npz"), stats)
+  loaded = ip.load_preprocessing(str(tmp_path / "p.npz"))
+  np.testing.assert_array_equal(
+    ip.apply_preprocessing(loaded, images), ip.apply_preprocessing(stats, images)
+  )
+
+
+def test_load_preprocessing_errors(tmp_path):
+  assert "not found" in user_error(ip.load_preprocessing, str(tmp_path / "missing.npz"))
+  (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 broken")
+  assert "corrupt" in user_error(ip.load_preprocessing, str(tmp_path / "bad.npz"))
+  np.savez(tmp_path / "partial.npz", kind=np.array("gcn_zca"), mean=np.zeros(3072))
+  assert "incomplete" in user_error(ip.load_preprocessing, str(tmp_path / "partial.npz"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+_augment = jax.jit(ip.augment, static_argnames=("flip", "translate"))
+
+
+def _images(n: int = 64) -> np.ndarray:
+  return np.random.default_rng(0).uniform(1.0, 2.0, size=(n, 32, 32, 3)).astype(np.float32)
+
+
+def test_augment_off_is_identity():
+  images = _images(4)
+  out = _augment(jax.random.key(0), images, flip=False, translate=0)
+  np.testing.assert_array_equal(np.asarray(out), images)
+
+
+def test_augment_flip():
+  images = _images()
+  out = np.asarray(_augment(jax.random.key(1), images, flip=True, translate=0))
+  assert out.shape == images.shape and out.dtype == images.dtype
+  same = [np.array_equal(o, i) for o, i in zip(out, images, strict=True)]
+  mirrored = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images, strict=True)]
+  assert all(s or m for s, m in zip(same, mirrored, strict=True))
+  assert 10 < sum(mirrored) < 54
+
+
+def _shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+  out = np.zeros_like(image)
+  h, w = image.shape[:2]
+  out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+    max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+  ]
+  return out
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_augment_translate(flip):
+  images, t = _images(32), 3
+  out = np.asarray(_augment(jax.random.key(2), images, flip=flip, translate=t))
+  assert out.shape == images.shape and out.dtype == np.float32
+  assert set(np.unique(out)) <= set(np.unique(images)) | {0.0}  # pixels moved, zeros padded
+  shifts = []
+  for o, i in zip(out, images, strict=True):
+    candidates = [i, i[:, ::-1]] if flip else [i]
+    found = [(dy, dx) for c in candidates for dy in range(-t, t + 1) for dx in range(-t, t + 1)
+             if np.array_equal(o, _shift(c, dy, dx))]  # fmt: skip
+    assert found, "output is not a zero-filled translation of its input"
+    shifts.append(found[0])
+  assert len(set(shifts)) > 5
+
+
+def test_augment_keys():
+  images = _images(16)
+  a = _augment(jax.random.key(3), images, flip=True, translate=5)
+  b = _augment(jax.random.key(3), images, flip=True, translate=5)
+  c = _augment(jax.random.key(4), images, flip=True, translate=5)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(a), np.asarray(c))

@@ -1,0 +1,201 @@
+"""The 12 networks: parameter counts from the paper's layer lists, shapes, dropout, options."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from allconv_jax import models
+from allconv_jax.errors import UserError
+from configs import default
+from tests.helpers import ROOT
+
+
+def conv(cin: int, cout: int, k: int) -> int:
+  return k * k * cin * cout + cout
+
+
+def expected_params(name: str, classes: int) -> int:
+  """Our own arithmetic from the issue's layer lists (not read back from the model)."""
+  variant, base = name.rsplit("_", 1)
+  kernels = {"a": [5], "b": [5, 1], "c": [3, 3]}[base]
+  total, cin = 0, 3
+  for width in (96, 192):
+    for k in kernels:
+      total += conv(cin, width, k)
+      cin = width
+    if variant in ("convpool_cnn", "all_cnn"):  # the extra / replacing 3x3 convolution
+      total += conv(width, width, 3)
+  return total + conv(192, 192, 3) + conv(192, 192, 1) + conv(192, classes, 1)
+
+
+ALL = [f"{v}_{b}" for b in "abc" for v in ("model", "strided_cnn", "convpool_cnn", "all_cnn")]
+
+
+def make(name: str = "all_cnn_c", classes: int = 10, **kw) -> models.AllConvNet:
+  return models.AllConvNet(arch=name, num_classes=classes, **kw)
+
+
+def shapes(model: models.AllConvNet):
+  return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+
+
+def test_twelve_names():
+  assert sorted(models.MODEL_NAMES) == sorted(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("classes", [10, 100])
+def test_parameter_counts(name, classes):
+  assert models.count_params(shapes(make(name, classes))) == expected_params(name, classes)
+
+
+def test_all_cnn_c_count_is_the_known_one():
+  assert expected_params("all_cnn_c", 10) == 1_369_738
+
+
+@pytest.mark.parametrize("name", ["model_a", "strided_cnn_b", "convpool_cnn_c", "all_cnn_c"])
+def test_output_shapes_and_feature_map(name):
+  x = jnp.ones((2, 32, 32, 3))
+  for classes in (10, 100):
+    model = make(name, classes, width_multiplier=0.1)
+    params = models.init_params(model, jax.random.key(1))
+    logits, state = model.apply({"params": params}, x, mutable=["intermediates"])
+    assert logits.shape == (2, classes) and logits.dtype == jnp.float32
+    inter = state["intermediates"]
+    assert inter["backbone"]["head_conv2_act"][0].shape == (2, 6, 6, 19)  # 192 * 0.1 -> 19
+    assert inter["classifier_act"][0].shape == (2, 6, 6, classes)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_map_before_class_layer_is_6x6x192(name):
+  out = jax.eval_shape(
+      lambda: make(name).apply({"params": models.init_params(make(name), jax.random.key(0))},
+                               jnp.zeros((1, 32, 32, 3)), mutable=["intermediates"]))
+  assert out[1]["intermediates"]["backbone"]["head_conv2_act"][0].shape == (1, 6, 6, 192)
+
+
+def test_layer_lists_follow_the_transformations():
+  def kinds(name):
+    return [(type(layer).__name__, getattr(layer, "kernel", None), getattr(layer, "stride", None))
+            for layer in models.layer_list(name) if not isinstance(layer, models.Dropout)]
+  head = [("Conv", 3, 1), ("Conv", 1, 1)]
+  assert kinds("model_c") == [("Conv", 3, 1)] * 2 + [("MaxPool", None, None)] + \
+      [("Conv", 3, 1)] * 2 + [("MaxPool", None, None)] + head
+  assert kinds("strided_cnn_c") == [("Conv", 3, 1), ("Conv", 3, 2)] * 2 + head
+  assert kinds("convpool_cnn_b") == [("Conv", 5, 1), ("Conv", 1, 1), ("Conv", 3, 1),
+                                     ("MaxPool", None, None)] * 2 + head
+  assert kinds("all_cnn_a") == [("Conv", 5, 1), ("Conv", 3, 2)] * 2 + head
+  dropouts = [layer.rate for layer in models.layer_list("all_cnn_c")
+              if isinstance(layer, models.Dropout)]
+  assert dropouts == [0.2, 0.5, 0.5]
+
+
+def test_strided_dropout_follows_the_strided_conv():
+  names = [layer.name for layer in models.layer_list("strided_cnn_a")]
+  assert names.index("stage1_dropout") == names.index("stage1_conv1") + 1
+
+
+def test_dropout_only_in_training():
+  model = make(width_multiplier=0.1)
+  params = models.init_params(model, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
+  e1 = model.apply({"params": params}, x, train=False)
+  e2 = model.apply({"params": params}, x, train=False)
+  np.testing.assert_array_equal(e1, e2)
+  t1 = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
+  t2 = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(4)})
+  assert not np.allclose(t1, t2)
+  no_drop = make(width_multiplier=0.1, input_dropout=0.0, dropout=0.0)
+  t3 = no_drop.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
+  np.testing.assert_allclose(t3, e1, rtol=1e-5, atol=1e-6)
+
+
+def test_width_multiplier_rounds_and_keeps_one():
+  assert models.scaled_width(96, 0.25) == 24 and models.scaled_width(192, 0.001) == 1
+  p = shapes(make(width_multiplier=0.25))
+  assert p["backbone"]["stage1_conv1"]["kernel"].shape == (3, 3, 3, 24)
+  assert p["backbone"]["head_conv2"]["kernel"].shape == (1, 1, 48, 48)
+
+
+def test_bfloat16_compute_float32_params():
+  model = make(width_multiplier=0.1, dtype=jnp.bfloat16)
+  params = models.init_params(model, jax.random.key(0))
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  logits, state = model.apply({"params": params}, x, mutable=["intermediates"])
+  assert logits.dtype == jnp.float32
+  assert state["intermediates"]["backbone"]["stage1_conv1_act"][0].dtype == jnp.bfloat16
+  ref = make(width_multiplier=0.1).apply({"params": params}, x)
+  np.testing.assert_allclose(logits, ref, rtol=0.1, atol=0.05)
+
+
+def test_he_normal_and_zero_bias_defaults():
+  params = models.init_params(make(), jax.random.key(0))
+  k = params["backbone"]["stage2_conv2"]["kernel"]
+  assert float(jnp.std(k)) == pytest.approx(np.sqrt(2 / (9 * 192)), rel=0.05)
+  assert float(jnp.max(jnp.abs(k))) > 2.5 * np.sqrt(2 / (9 * 192))  # untruncated normal
+  assert all(float(jnp.abs(layer["bias"]).max()) == 0.0
+             for layer in params["backbone"].values())
+  other = models.init_params(make(bias_init=0.1, kernel_init="glorot_uniform"),
+                             jax.random.key(0))
+  assert float(other["classifier"]["bias"][0]) == pytest.approx(0.1)
+
+
+def test_final_relu_switch():
+  x = jax.random.normal(jax.random.key(5), (8, 32, 32, 3))
+  on = make(width_multiplier=0.1, bias_init=-10.0)  # every class map negative
+  params = models.init_params(on, jax.random.key(0))
+  assert float(jnp.abs(on.apply({"params": params}, x)).max()) == 0.0
+  off = make(width_multiplier=0.1, bias_init=-10.0, final_relu=False)
+  assert float(off.apply({"params": params}, x).max()) < 0
+
+
+def test_class_layer_is_a_separate_submodule():
+  p = shapes(make())
+  assert set(p) == {"backbone", "classifier"}
+  assert p["classifier"]["kernel"].shape == (1, 1, 192, 10)
+
+
+def test_create_model_from_config_and_unknown_name():
+  config = default.get_config()
+  model = models.create_model(config.model, 100)
+  assert model.arch == "all_cnn_c" and model.num_classes == 100
+  config.model.name = "all_cnn_d"
+  with pytest.raises(UserError, match="valid names: model_a"):
+    models.create_model(config.model, 10)
+
+
+def test_flops_match_the_brief():
+  assert models.train_flops_per_image("all_cnn_c", 1.0, 10) == pytest.approx(1.62e9, rel=0.01)
+
+
+def run(*args):
+  return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_summary_cli_without_tensorflow():
+  # Hide TensorFlow: --summary must neither import it nor build data.
+  code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None;"
+          "sys.argv = ['main.py', '--config=configs/all_cnn_c.py', '--summary'];"
+          "import runpy; runpy.run_path('main.py', run_name='__main__')")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.strip().splitlines()
+  assert lines[-1] == "total parameters: 1,369,738"
+  assert "backbone/stage2_reduce" in r.stdout and "classifier" in r.stdout
+
+
+def test_summary_honours_overrides_and_rejects_unknown_names():
+  r = run("--config=configs/all_cnn_c.py", "--summary", "--config.data.dataset=cifar100")
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip().splitlines()[-1] == f"total parameters: {1_369_738 + 90 * 193:,}"
+  r = run("--config=configs/model_a.py", "--summary", "--config.model.name=model_d")
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines() == [
+      "error: unknown model.name 'model_d'; valid names: " + ", ".join(ALL)]

@@ -1,0 +1,200 @@
+"""The training loop: end to end runs, the schedule, the optimizer, resume, config checks."""
+
+import json
+import math
+import os
+
+import jax
+import ml_collections
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from allconv_jax import config_lib, train
+from allconv_jax.errors import UserError
+from tests.cifar_fixtures import make_cifar10
+from tests.helpers import run_main, tiny_config, tiny_flags
+
+TIMING = ("images_per_sec", "elapsed_sec")
+RECORD_KEYS = {"epoch", "step", "learning_rate", "train_loss", "train_accuracy", "val_loss",
+               "val_accuracy", "images_per_sec", "elapsed_sec"}
+
+
+def metrics(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMING}
+          for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """A straight 2-epoch tiny run (shared by several tests)."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  out = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, out
+
+
+def test_end_to_end_synthetic(straight_run):
+  workdir, out = straight_run
+  records = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["epoch"] for r in records] == [1, 2]
+  assert all(set(r) == RECORD_KEYS for r in records)
+  assert records[-1]["step"] == 2 * (256 // 32)
+  for r in records:
+    for key in ("train_accuracy", "val_accuracy"):
+      assert 0.0 <= r[key] <= 1.0
+  res = results(workdir)
+  assert res == out
+  for key in ("model", "dataset", "epochs", "test_loss", "test_accuracy", "best_val_accuracy",
+              "best_epoch", "wall_time_sec", "config"):
+    assert key in res
+  assert res["model"] == "all_cnn_c" and res["epochs"] == 2 and res["test_images"] == 64
+  assert 0.0 <= res["test_accuracy"] <= 1.0 and math.isfinite(res["test_loss"])
+  assert res["best_val_accuracy"] == max(r["val_accuracy"] for r in records)
+  assert res["config"]["model"]["width_multiplier"] == 0.05
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "8"]
+  assert os.path.exists(os.path.join(workdir, "preprocessing.npz"))
+
+
+def test_learns_the_synthetic_signal(tmp_path):
+  out = train.train_and_evaluate(tiny_config(num_epochs=6, model__width_multiplier=0.1,
+                                             data__max_train_examples=512), str(tmp_path))
+  records = metrics(str(tmp_path))
+  assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.5
+  assert out["test_accuracy"] > 0.25  # 10 classes: chance is 0.1
+
+
+def test_finished_run_is_reported_not_retrained(straight_run, capsys):
+  workdir, out = straight_run
+  before = os.path.getmtime(os.path.join(workdir, "metrics.jsonl"))
+  again = train.train_and_evaluate(tiny_config(), workdir)
+  assert again == out
+  assert os.path.getmtime(os.path.join(workdir, "metrics.jsonl")) == before
+  assert "is finished" in capsys.readouterr().out
+
+
+def test_stop_after_epoch_one_then_resume_matches_straight_run(straight_run, tmp_path):
+  workdir, out = straight_run
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  assert [r["epoch"] for r in metrics(str(tmp_path))] == [1]
+  resumed = train.train_and_evaluate(tiny_config(num_epochs=2), str(tmp_path))
+  assert metrics(str(tmp_path)) == metrics(workdir)
+  assert resumed["test_loss"] == out["test_loss"]
+  assert resumed["test_accuracy"] == out["test_accuracy"]
+
+
+def test_same_seed_same_metrics_other_seed_differs(straight_run, tmp_path):
+  workdir, _ = straight_run
+  train.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
+  assert metrics(str(tmp_path / "a")) == metrics(workdir)
+  train.train_and_evaluate(tiny_config(seed=1), str(tmp_path / "b"))
+  assert metrics(str(tmp_path / "b")) != metrics(workdir)
+
+
+def test_end_to_end_official_files_through_main(tmp_path):
+  data = tmp_path / "data"
+  make_cifar10(data, "binary", n_train=300, n_test=50)
+  workdir = tmp_path / "run"
+  r = run_main("--config=configs/model_a.py", f"--workdir={workdir}",
+               *tiny_flags(model__name="model_a", data__source="local", data__dir=str(data),
+                           data__max_train_examples=0, data__max_test_examples=0,
+                           num_epochs=1))
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = results(workdir)
+  assert res["train_images"] == 300 - 64 and res["test_images"] == 50
+  assert "test loss" in r.stdout and "images/s" in r.stdout
+
+
+def test_schedule_steps_down_at_the_boundaries():
+  config = tiny_config()
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.boundaries = (2, 4, 5)
+  schedule = train.make_schedule(config.optimizer, steps_per_epoch=10)
+  got = [float(schedule(s)) for s in (0, 19, 20, 39, 40, 49, 50, 1000)]
+  want = [0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005, 0.00005, 0.00005]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_warmup_rises_linearly_then_joins_the_schedule():
+  config = tiny_config()
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.boundaries = (3,)
+  config.optimizer.warmup_epochs = 1.0
+  schedule = train.make_schedule(config.optimizer, steps_per_epoch=10)
+  got = [float(schedule(s)) for s in (0, 4, 9, 10, 29, 30)]
+  np.testing.assert_allclose(got, [0.01, 0.05, 0.1, 0.1, 0.1, 0.01], rtol=1e-5)
+
+
+def test_sgd_is_pytorch_style_coupled_weight_decay_with_momentum():
+  config = tiny_config()
+  opt = config.optimizer
+  opt.learning_rate, opt.momentum, opt.weight_decay = 0.1, 0.9, 0.001
+  params = {"w": jnp.array([1.0, -2.0])}
+  tx = train.make_optimizer(opt, 10, params)
+  state = tx.init(params)
+  grads = [jnp.array([0.5, 0.25]), jnp.array([-1.0, 2.0])]
+  p, buf = np.array([1.0, -2.0]), np.zeros(2)
+  for g in grads:
+    updates, state = tx.update({"w": g}, state, params)
+    params = optax.apply_updates(params, updates)
+    d = np.asarray(g) + 0.001 * p  # torch.optim.SGD: d_p = grad + wd * p
+    buf = 0.9 * buf + d  #                      buf = momentum * buf + d_p
+    p = p - 0.1 * buf  #                        p -= lr * buf
+    np.testing.assert_allclose(params["w"], p, rtol=1e-6)
+
+
+def test_freeze_masks_updates_decay_and_momentum_buffers():
+  config = tiny_config()
+  config.optimizer.freeze = "backbone"
+  params = {"backbone": {"conv": {"kernel": jnp.ones(3)}}, "classifier": {"kernel": jnp.ones(2)}}
+  tx = train.make_optimizer(config.optimizer, 10, params)
+  state = tx.init(params)
+  leaves = jax.tree_util.tree_leaves(state)
+  assert sum(x.size for x in leaves if x.ndim) == 2  # one momentum buffer, the classifier's
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  assert float(jnp.abs(updates["backbone"]["conv"]["kernel"]).max()) == 0.0
+  assert float(jnp.abs(updates["classifier"]["kernel"]).min()) > 0.0
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.optimizer.learning_rate=0.0", "'optimizer.learning_rate' must be > 0"),
+    ("--config.batch_size=0", "'batch_size' must be >= 1"),
+    ("--config.model.width_multiplier=-1.0", "'model.width_multiplier' must be > 0"),
+    ("--config.optimizer.boundaries=(250,200)", "'optimizer.boundaries' must be strictly"),
+    ("--config.model.nope=1", "unknown config key 'model.nope'"),
+    ("--config.num_epochs=ten", "--config.num_epochs=ten"),
+    ("--config.data.source=ftp", "data.source"),
+])
+def test_bad_config_is_one_line_before_any_compute(tmp_path, flag, message):
+  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path / 'w'}", flag)
+  assert r.returncode != 0
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_validation_rejects_wrong_types_and_unknown_keys():
+  config = tiny_config()
+  config_lib.validate(config)
+  bad = tiny_config()
+  with bad.unlocked():
+    bad.optimizer.nesterov = True
+  with pytest.raises(UserError, match="unknown config key 'optimizer.nesterov'"):
+    config_lib.validate(bad)
+  as_dict = tiny_config().to_dict()
+  as_dict["model"]["final_relu"] = 1  # a config file that builds its own dict
+  bad = ml_collections.ConfigDict(as_dict)
+  with pytest.raises(UserError, match="'model.final_relu' must be a bool"):
+    config_lib.validate(bad)
+
+
+def test_batch_larger_than_training_set(tmp_path):
+  with pytest.raises(UserError, match=r"batch_size \(512\) is larger than the training set"):
+    train.train_and_evaluate(tiny_config(batch_size=512), str(tmp_path))
+  assert not os.path.exists(tmp_path / "results.json")
