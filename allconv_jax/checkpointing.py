@@ -6,6 +6,8 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -115,7 +117,7 @@ class Checkpoints:
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def restore_newest(self, target: Any) -> tuple[int, Any] | None:
-    """The newest checkpoint that restores; corrupt ones are skipped with a warning.
+    """The newest checkpoint that restores; corrupt ones are moved aside with a warning.
 
     Returns None when there are no checkpoints; UserError when none of them is usable.
     """
@@ -124,11 +126,17 @@ class Checkpoints:
       try:
         return step, self.restore(step, target)
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
-        logging.warning("checkpoint %s/%d is incomplete or corrupt (%s: %s); trying the "
-                        "previous one", self.directory, step, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else "")
-        print(f"warning: checkpoint {self.directory}/{step} is incomplete or corrupt; "
-              "trying the previous one", flush=True)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else \
+            type(e).__name__
+        aside = os.path.join(self.workdir, "corrupt_checkpoints", str(step))
+        if jax.process_index() == 0:
+          os.makedirs(os.path.dirname(aside), exist_ok=True)
+          shutil.rmtree(aside, ignore_errors=True)
+          os.replace(os.path.join(self.directory, str(step)), aside)
+        print(f"warning: checkpoint {self.directory}/{step} is incomplete or corrupt "
+              f"({reason}); moved it to {aside} and trying the previous one", file=sys.stderr,
+              flush=True)
+        logging.info("skipped corrupt checkpoint %d: %s", step, reason)
     if steps:
       raise UserError(f"no usable checkpoint in {self.directory} (tried steps "
                       f"{', '.join(map(str, steps))}); set --config.restart=True to start over")

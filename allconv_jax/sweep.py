@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 
 from allconv_jax.errors import UserError
 
@@ -429,6 +429,7 @@ def main(argv: list[str]) -> None:
   rest, overrides = split_overrides(argv[1:])
   if rest:
     _fail(f"unexpected arguments: {' '.join(rest)}")
+  logging.set_verbosity(logging.WARNING)
   fl = flags.FLAGS
   try:
     if not fl.configs:

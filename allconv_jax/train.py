@@ -338,7 +338,7 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
 
 def workdir_files(workdir: str) -> dict[str, str]:
   names = ("config.json", "metrics.jsonl", "results.json", "preprocessing.npz",
-           checkpointing.BEST_FILE, "checkpoints", "tensorboard")
+           checkpointing.BEST_FILE, "checkpoints", "corrupt_checkpoints", "tensorboard")
   return {n: os.path.join(workdir, n) for n in names}
 
 
@@ -399,6 +399,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log(f"run in {workdir} is finished ({results['epochs']} epochs): test accuracy "
             f"{results['test_accuracy']:.4f}, test loss {results['test_loss']:.4f}")
         return results
+      log(f"extending the finished {results.get('epochs')}-epoch run to {config.num_epochs} "
+          "epochs")
+      os.remove(files["results.json"])  # stale from here on; rewritten at the end
     return _run(config, workdir, source)
 
 
@@ -466,8 +469,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   sums = put(zero_metrics())
   restored = ckpts.restore_newest({"state": state, "sums": sums})
   records: list[dict[str, Any]] = []
+  last_good = None
   if restored is not None:
     step, tree = restored
+    last_good = step
     state, sums = tree["state"], tree["sums"]
     records = [r for r in read_metrics(files["metrics.jsonl"]) if r["step"] <= step]
     log(f"resuming from checkpoint step {step} (epoch {step // spe}"
@@ -503,12 +508,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                                           idx[pos:end], train_key)
           running = summarize(sums)
           if not math.isfinite(running["loss"]):
-            last = ckpts.steps()
             raise TrainingDiverged(
                 f"training diverged: the loss is {running['loss']} in epoch {epoch + 1} at "
-                f"learning rate {float(schedule(step)):g}; the last good checkpoint "
-                f"({'step ' + str(last[-1]) if last else 'none'}) is kept; lower "
-                "optimizer.learning_rate or set optimizer.warmup_epochs")
+                f"learning rate {float(schedule(step)):g}; "
+                + (f"the last good checkpoint (step {last_good}) is kept" if last_good is not None
+                   else "no checkpoint was saved yet")
+                + "; lower optimizer.learning_rate or set optimizer.warmup_epochs")
           images_seen += (end - pos) * config.batch_size
           step += end - pos
           pos = end
@@ -552,6 +557,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
             stop.is_set():
           ckpts.save(step, {"state": state, "sums": sums},
                      best={"epoch": epoch + 1, "val_accuracy": best_acc} if is_best else None)
+          last_good = step
         if stop.is_set() and not last_epoch:
           raise Interrupted(step)
   except Interrupted as e:

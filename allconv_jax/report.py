@@ -1,0 +1,292 @@
+"""Results table and learning curves of finished runs, beside the paper's numbers.
+
+  python -m allconv_jax.report --root=/tmp/allconv/sweep --out=/tmp/allconv/report
+  python -m allconv_jax.report --workdirs=/tmp/allconv/all_cnn_c,/tmp/allconv/model_a --out=DIR
+
+Writes OUT/results.md (network, dataset, rate, epochs, augmentation, preprocessing, test error,
+the paper's test error and the course project's accuracy where they apply), OUT/<run>.png
+(validation accuracy and training loss per epoch) and OUT/comparison.png (validation accuracy
+per epoch of every run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+from absl import app, flags, logging
+
+from allconv_jax import paper
+from allconv_jax.errors import UserError
+
+matplotlib.use("Agg")  # headless; must come before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+SKIP_DIRS = ("checkpoints", "tensorboard")
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+COMPARISON_PNG = "comparison.png"
+COLUMNS = ("Run", "Network", "Dataset", "LR", "Epochs", "Augmentation", "Preprocessing",
+           "Best val. acc. %", "Test error %", "Paper test error %", "Course test acc. %")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A finished run: its label, workdir, results.json and metrics.jsonl records."""
+  label: str
+  workdir: str
+  results: dict[str, Any]
+  metrics: list[dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------- finding runs
+
+
+def find_runs(root: str) -> list[str]:
+  """Every folder at or below `root` that holds results.json, sorted."""
+  if not os.path.isdir(root):
+    raise UserError(f"--root {root} is not a folder")
+  found = []
+  for folder, dirs, files in os.walk(root):
+    dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+    if "results.json" in files:
+      found.append(os.path.abspath(folder))
+  if not found:
+    raise UserError(f"no runs found below {root} (no results.json; are the runs finished?)")
+  return sorted(found)
+
+
+def labels_for(workdirs: Sequence[str], root: str | None = None) -> list[str]:
+  """Short distinct names: paths relative to `root` (or the runs' common folder)."""
+  paths = [os.path.abspath(w) for w in workdirs]
+  base = os.path.abspath(root) if root else (
+      os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]))
+  labels = []
+  for p in paths:
+    rel = os.path.relpath(p, base)
+    labels.append(os.path.basename(p) if rel == "." else rel.replace(os.sep, "/"))
+  return labels
+
+
+def load_run(workdir: str, label: str) -> Run:
+  """Reads a run's results.json and metrics.jsonl; UserError if the results are missing/bad."""
+  from allconv_jax.train import read_metrics
+
+  if not os.path.isdir(workdir):
+    raise UserError(f"workdir {workdir} does not exist")
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    raise UserError(f"{workdir} has no results.json (is the run finished?)")
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f"{path} is unreadable: {e}") from None
+  if not isinstance(results, dict) or "test_accuracy" not in results:
+    raise UserError(f"{path} is not a run's results.json (no test_accuracy)")
+  return Run(label, workdir, results, read_metrics(os.path.join(workdir, "metrics.jsonl")))
+
+
+def load_runs(workdirs: Sequence[str], root: str | None = None) -> list[Run]:
+  """The runs in `workdirs`, in the paper's network order, then by label."""
+  runs = [load_run(os.path.abspath(w), label)
+          for w, label in zip(workdirs, labels_for(workdirs, root), strict=True)]
+  return sorted(runs, key=lambda r: (paper.network_rank(r.results.get("model", "")), r.label))
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def comparable(results: dict[str, Any]) -> bool:
+  """Whether a run follows the paper's setting closely enough to print its reference numbers.
+
+  Real data (not synthetic), every class and image (no subset, no caps), width x1, no transfer.
+  """
+  data = (results.get("config") or {}).get("data", {})
+  return (data.get("source") != "synthetic" and not results.get("subset")
+          and not data.get("max_train_examples") and not data.get("max_test_examples")
+          and float(results.get("width_multiplier", 1.0)) == 1.0
+          and not results.get("transfer_source"))
+
+
+def references(results: dict[str, Any]) -> tuple[str, str]:
+  """(paper test error %, course accuracy %) as table cells; '—' where none applies."""
+  if not comparable(results):
+    return "—", "—"
+  model, dataset, augment = (results.get("model", ""), results.get("dataset", ""),
+                             bool(results.get("augment")))
+  err = paper.paper_test_error(model, dataset, augment)
+  course = paper.course_accuracy(dataset, augment) if model in paper.NETWORKS else None
+  return ("—" if err is None else f"{err:.2f}"), course or "—"
+
+
+def table_row(run: Run) -> list[str]:
+  """One results.md row (see COLUMNS)."""
+  r = run.results
+  dataset = DATASET_NAMES.get(r.get("dataset", ""), str(r.get("dataset")))
+  if r.get("subset"):
+    dataset += f" ({r['subset']})"
+  width = r.get("width_multiplier", 1.0)
+  network = r.get("model", "?") + (f" (width x{width:g})" if width != 1.0 else "")
+  best = r.get("best_val_accuracy")
+  paper_err, course = references(r)
+  return [
+      run.label, network, dataset, f"{r.get('learning_rate', float('nan')):g}",
+      str(r.get("epochs", "?")), "yes" if r.get("augment") else "no",
+      str(r.get("preprocessing", "?")),
+      "—" if best is None else f"{100 * best:.2f}",
+      f"{100 * (1 - r['test_accuracy']):.2f}", paper_err, course,
+  ]
+
+
+def results_markdown(runs: Sequence[Run], plots: dict[str, str]) -> str:
+  """results.md: the table, the notes on the references and the plots."""
+  lines = ["# Results", "",
+           "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+  lines += ["| " + " | ".join(table_row(run)) + " |" for run in runs]
+  low, high = paper.COURSE_ACCURACY_RANGE
+  lines += [
+      "",
+      "Test error = 100 - test accuracy (%), on the test set after the last epoch. "
+      "Paper: Springenberg et al. (2015), CIFAR-10 without augmentation unless the run used it "
+      "(All-CNN-C with augmentation: 7.25), CIFAR-100 All-CNN-C: 33.71. "
+      f"Course: the PyTorch course project reached {low}-{high} % test accuracy on CIFAR-10 "
+      f"(batch {paper.COURSE_BATCH_SIZE}, no augmentation) over its networks; per-network "
+      "numbers are not available. References are shown only for runs in the paper's setting "
+      "(real data, all classes and images, width x1, no transfer).",
+      "", "## Validation accuracy per epoch", "", f"![comparison]({COMPARISON_PNG})", "",
+      "## Runs", "",
+  ]
+  for run in runs:
+    lines += [f"### {run.label}", "", f"`{run.workdir}`", "", f"![{run.label}]({plots[run.label]})",
+              ""]
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_name(label: str) -> str:
+  """A file name for a run's plot: 'all_cnn_c/lr0.05' -> 'all_cnn_c__lr0.05.png'."""
+  return re.sub(r"[^A-Za-z0-9._-]", "_", label.replace("/", "__")) + ".png"
+
+
+def curve(metrics: Sequence[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[
+    list[int], list[float]]:
+  """(epochs, values) of one metric, skipping epochs where it is missing."""
+  points = [(m["epoch"], scale * m[key]) for m in metrics if m.get(key) is not None]
+  return [e for e, _ in points], [v for _, v in points]
+
+
+def plot_run(run: Run, path: str) -> None:
+  """Validation accuracy and training loss per epoch of one run, side by side."""
+  fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+  epochs, acc = curve(run.metrics, "val_accuracy", 100.0)
+  ax_acc.plot(epochs, acc, marker="." if len(epochs) < 30 else None, color="tab:blue")
+  ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+  epochs, loss = curve(run.metrics, "train_loss")
+  ax_loss.plot(epochs, loss, marker="." if len(epochs) < 30 else None, color="tab:red")
+  ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+  for ax in (ax_acc, ax_loss):
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if not ax.lines[0].get_xdata().size:
+      ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+  r = run.results
+  fig.suptitle(f"{run.label}: {r.get('model')} on {r.get('dataset')}, lr "
+               f"{r.get('learning_rate', float('nan')):g}, test error "
+               f"{100 * (1 - r['test_accuracy']):.2f} %")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_comparison(runs: Sequence[Run], path: str) -> None:
+  """Validation accuracy per epoch of every run on one set of axes."""
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for run in runs:
+    epochs, acc = curve(run.metrics, "val_accuracy", 100.0)
+    model = str(run.results.get("model", "?"))
+    label = run.label if model in run.label else f"{run.label} ({model})"
+    ax.plot(epochs, acc, label=label, marker="." if len(epochs) < 30 else None)
+  ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy per epoch")
+  ax.grid(alpha=0.3)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.legend(fontsize="small", loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_report(runs: Sequence[Run], out: str) -> str:
+  """Writes results.md and the plots into `out`; returns the path of results.md."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out {out} exists and is not a folder")
+  os.makedirs(out, exist_ok=True)
+  plots: dict[str, str] = {}
+  for run in runs:
+    name = plot_name(run.label)
+    while name in plots.values() or name == COMPARISON_PNG:
+      name = name.removesuffix(".png") + "_.png"
+    plots[run.label] = name
+  for run in runs:
+    plot_run(run, os.path.join(out, plots[run.label]))
+  plot_comparison(runs, os.path.join(out, COMPARISON_PNG))
+  path = os.path.join(out, "results.md")
+  with open(path, "w") as f:
+    f.write(results_markdown(runs, plots))
+  return path
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program)."""
+  flags.DEFINE_list("workdirs", None, "Run folders, comma-separated.")
+  flags.DEFINE_string("root", None, "Find every run (folder holding results.json) below this.")
+  flags.DEFINE_string("out", None, "Folder for results.md and the plots.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  return []
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  fl = flags.FLAGS
+  try:
+    if bool(fl.workdirs) == bool(fl.root):
+      raise UserError("give either --workdirs=DIR1,DIR2,... or --root=DIR")
+    if not fl.out:
+      raise UserError("--out is required (the folder for results.md and the plots)")
+    workdirs = fl.workdirs or find_runs(fl.root)
+    if len(set(map(os.path.abspath, workdirs))) != len(workdirs):
+      raise UserError("--workdirs lists a folder twice")
+    runs = load_runs(workdirs, fl.root)
+    path = write_report(runs, fl.out)
+  except UserError as e:
+    _fail(str(e))
+  print(f"{len(runs)} run(s): {path}, {COMPARISON_PNG} and {len(runs)} run plot(s) in {fl.out}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,185 @@
+"""Long-run failures: kills, corrupt checkpoints, NaNs, dead networks, concurrent runs."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from allconv_jax import checkpointing, train
+from allconv_jax.errors import UserError
+from tests.helpers import ROOT, run_main, tiny_config, tiny_flags
+
+TIMING = ("images_per_sec", "elapsed_sec")
+
+
+def metrics(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMING}
+          for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def start_main(workdir, *flags):
+  """Starts main.py in the background; stdout is line-buffered into a pipe."""
+  return subprocess.Popen(
+      [sys.executable, "main.py", "--config=configs/all_cnn_c.py", f"--workdir={workdir}",
+       *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_line(proc, text, timeout=240):
+  """Reads the process's stdout until a line contains `text`."""
+  deadline = time.time() + timeout
+  seen = []
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if not line:
+      break
+    seen.append(line)
+    if text in line:
+      return seen
+  proc.kill()
+  raise AssertionError(f"{text!r} never appeared:\n{''.join(seen)}\n{proc.stderr.read()}")
+
+
+EPOCHS = 3
+FLAGS = tiny_flags(num_epochs=EPOCHS, log_every_steps=2)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """An uninterrupted run of the configuration the kill tests interrupt."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={workdir}", *FLAGS)
+  assert r.returncode == 0, r.stderr
+  return workdir
+
+
+def test_sigkill_then_rerun_is_bit_identical(straight, tmp_path):
+  proc = start_main(tmp_path, *FLAGS)
+  wait_for_line(proc, "epoch 2/3 step 4/8")  # mid-epoch 2, a checkpoint exists for epoch 1
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert not os.path.exists(tmp_path / "results.json")
+  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path}", *FLAGS)
+  assert r.returncode == 0, r.stderr
+  assert "resuming from checkpoint step 8" in r.stdout
+  assert metrics(str(tmp_path)) == metrics(straight)
+  assert train.read_metrics(str(tmp_path / "metrics.jsonl"))[-1]["epoch"] == EPOCHS
+
+
+def test_sigterm_saves_mid_epoch_and_resumes_bit_identical(straight, tmp_path):
+  proc = start_main(tmp_path, *FLAGS)
+  wait_for_line(proc, "epoch 1/3 step 2/8")
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  assert "run the same command again to resume" in err
+  assert err.strip().splitlines()[-1].startswith("interrupted: stopped at step ")
+  assert "Traceback" not in err
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert steps and steps[-1] % 8 != 0  # a mid-epoch checkpoint
+  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path}", *FLAGS)
+  assert r.returncode == 0, r.stderr
+  assert "mid-epoch" in r.stdout
+  assert metrics(str(tmp_path)) == metrics(straight)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
+  files = [f for f in glob.glob(f"{workdir}/checkpoints/16/**/d/*", recursive=True)]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  os.remove(os.path.join(workdir, "results.json"))
+  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={workdir}",
+               *tiny_flags(num_epochs=2))
+  assert r.returncode == 0, r.stderr
+  assert "checkpoint" in r.stderr and "/checkpoints/16 is incomplete or corrupt" in r.stderr
+  assert "resuming from checkpoint step 8" in r.stdout
+  assert os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", "16"))
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(tiny_config(num_epochs=2), straight)
+  assert metrics(workdir) == metrics(straight)
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+  for f in glob.glob(f"{workdir}/checkpoints/8/**/_METADATA", recursive=True):
+    with open(f, "w") as fh:
+      fh.write("{not json")
+  with pytest.raises(UserError, match="no usable checkpoint"):
+    train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
+  out = train.train_and_evaluate(tiny_config(num_epochs=1, restart=True), workdir)
+  assert out["epochs"] == 1 and not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
+
+
+def test_nan_loss_stops_with_epoch_and_rate_and_keeps_the_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={workdir}",
+               *tiny_flags(num_epochs=3, optimizer__learning_rate=1e6))
+  assert r.returncode != 0
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: training diverged: the loss is nan in epoch 2 at learning "
+                         "rate 1e+06; the last good checkpoint (step 8) is kept"), r.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8"]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_dead_network_warning(tmp_path, capsys):
+  train.train_and_evaluate(tiny_config(num_epochs=3, model__bias_init=-10.0), str(tmp_path))
+  out = capsys.readouterr().out
+  assert "warning: the network looks dead" in out
+  assert "model.final_relu=False" in out and "lower optimizer.learning_rate" in out
+  assert out.count("looks dead") == 1
+
+
+def test_healthy_network_gets_no_dead_warning(tmp_path, capsys):
+  train.train_and_evaluate(tiny_config(num_epochs=3), str(tmp_path))
+  assert "looks dead" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"model__name": "model_a"}, "model.name"),
+    ({"model__width_multiplier": 0.1}, "model.width_multiplier"),
+    ({"data__dataset": "cifar100"}, "data.dataset"),
+    ({"data__preprocessing": "gcn_zca"}, "data.preprocessing"),
+])
+def test_resume_with_an_invalidating_change_is_refused(tmp_path, override, key):
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  with pytest.raises(UserError, match=f"holds a run with another {key}"):
+    train.train_and_evaluate(tiny_config(num_epochs=2, **override), str(tmp_path))
+
+
+def test_results_without_config_are_not_overwritten(tmp_path):
+  (tmp_path / "results.json").write_text("{}")
+  with pytest.raises(UserError, match="no config.json"):
+    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  assert (tmp_path / "results.json").read_text() == "{}"
+
+
+def test_second_process_on_a_workdir_is_refused(tmp_path):
+  proc = start_main(tmp_path, *tiny_flags(num_epochs=50))
+  try:
+    wait_for_line(proc, "epoch 1/50 step")
+    r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path}",
+                 *tiny_flags(num_epochs=50))
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"another run (pid {proc.pid}) is using workdir" in lines[0]
+  finally:
+    proc.kill()
+    proc.wait()
+  with checkpointing.workdir_lock(str(tmp_path)):  # a killed run leaves no stuck lock
+    pass
+
+
+def test_truncated_metrics_line_is_dropped(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"epoch": 1, "step": 8}\n{"epoch": 2, "st')
+  assert train.read_metrics(str(path)) == [{"epoch": 1, "step": 8}]
