@@ -377,18 +377,22 @@ def run_sweep(config_files: Sequence[str], rates: Sequence[float], root: str,
         echo(f"{head}: skipped, finished ({results['epochs']} epochs, validation accuracy "
              f"{_pct(results.get('best_val_accuracy'))} %) in {point.workdir}")
         records.append(point_record(point, "skipped", results))
+        continue
+      if child.stopped:
+        write_summary(root, summarize(root, rates, overrides, records))
+        raise Interrupted(f"stopped before {point.network} lr {rate_name(point.learning_rate)}; "
+                          "run the same command again to go on")
+      echo(f"{head}: running main.py in {point.workdir}")
+      returncode, error = run_point(point, child, echo)
+      results = finished_results(point) if returncode == 0 else None
+      if results is not None:
+        records.append(point_record(point, "trained", results, returncode))
+      elif child.stopped:
+        records.append(point_record(point, "interrupted", None, returncode, error))
       else:
-        echo(f"{head}: running main.py in {point.workdir}")
-        returncode, error = run_point(point, child, echo)
-        results = finished_results(point) if returncode == 0 else None
-        if child.stopped:
-          records.append(point_record(point, "interrupted", None, returncode, error))
-        elif results is None:
-          error = error or "main.py finished without a matching results.json"
-          echo(f"{head}: failed: {error}")
-          records.append(point_record(point, "failed", None, returncode, error))
-        else:
-          records.append(point_record(point, "trained", results, returncode))
+        error = error or "main.py finished without a matching results.json"
+        echo(f"{head}: failed: {error}")
+        records.append(point_record(point, "failed", None, returncode, error))
       write_summary(root, summarize(root, rates, overrides, records))
       if child.stopped:
         raise Interrupted(f"stopped during {point.network} lr {rate_name(point.learning_rate)}; "

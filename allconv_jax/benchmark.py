@@ -1,0 +1,193 @@
+"""Training throughput: the jitted train chunk of train.py on random device-resident data.
+
+  python -m allconv_jax.benchmark --config=configs/all_cnn_c.py --steps=20
+  python -m allconv_jax.benchmark --config=configs/all_cnn_c.py --steps=50 \
+      --config.model.dtype=bfloat16 --config.batch_size=256
+
+No dataset is read: 4 x batch_size random images and labels are put on the device(s) the way
+train.py puts the training set there, and `train.make_steps(...).train_chunk` (one dispatch
+of --steps SGD steps in a lax.scan, the batch sharded over every device) is compiled, run
+--warmup times, then timed --repeats times. The last line is `train images/s: <number>`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_integer("steps", 20, "Train steps in one timed chunk (one dispatch).", lower_bound=1)
+flags.DEFINE_integer("warmup", 1, "Untimed chunks run after compilation.", lower_bound=0)
+flags.DEFINE_integer("repeats", 3, "Timed chunks; the median is reported.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed of the random data and parameters.")
+
+# Nominal dense peaks in TFLOP/s (vendor data sheets, no sparsity) by device_kind substring,
+# most specific first: (bf16 tensor, tf32 tensor, fp32 non-tensor).
+PEAK_TFLOPS: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("H100 PCIe", (756.0, 378.0, 51.2)),
+    ("H100 NVL", (835.0, 418.0, 60.0)),
+    ("H100", (989.0, 495.0, 67.0)),   # SXM; jax says e.g. 'NVIDIA H100 80GB HBM3'
+    ("H200", (989.0, 495.0, 67.0)),   # also GH200
+    ("H800", (989.0, 495.0, 67.0)),
+    ("A100", (312.0, 156.0, 19.5)),
+    ("A800", (312.0, 156.0, 19.5)),
+    ("L40S", (362.0, 183.0, 91.6)),
+    ("L4", (121.0, 60.0, 30.3)),
+    ("A10", (125.0, 62.5, 31.2)),
+)
+
+
+def nominal_peak(device_kind: str) -> tuple[float, float, float] | None:
+  """(bf16, tf32, fp32) nominal dense TFLOP/s of a GPU by its jax device_kind, or None."""
+  for key, peaks in PEAK_TFLOPS:
+    if key.lower() in device_kind.lower():
+      return peaks
+  return None
+
+
+def peak_lines(device_kind: str, platform: str, dtype: str, tflops: float) -> list[str]:
+  """What fraction of the device's nominal peak `tflops` is (GPUs in the table only)."""
+  if platform != "gpu":
+    return [f"peak fraction: n/a on {platform} (no nominal peak table)"]
+  peaks = nominal_peak(device_kind)
+  if peaks is None:
+    return [f"peak fraction: n/a ({device_kind!r} is not in benchmark.PEAK_TFLOPS)"]
+  bf16, tf32, fp32 = peaks
+  if dtype == "bfloat16":
+    return [f"peak fraction: {tflops / bf16:.1%} of the nominal dense bf16 peak "
+            f"({bf16:g} TFLOP/s)"]
+  # float32 convolutions run on TF32 tensor cores at XLA's default precision.
+  return [f"peak fraction: {tflops / tf32:.1%} of the nominal dense TF32 peak ({tf32:g} TFLOP/s)"
+          f", {tflops / fp32:.1%} of the fp32 non-tensor peak ({fp32:g} TFLOP/s)"]
+
+
+def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0) -> dict[str, Any]:
+  """Compiles and times train.py's train chunk; returns the numbers (also printed)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from allconv_jax import config_lib, input_pipeline, models, train
+  from allconv_jax.errors import UserError
+
+  config_lib.validate(config)
+  mesh = train.make_mesh()
+  batch = config.batch_size
+  if batch % mesh.size:
+    raise UserError(f"batch_size ({batch}) must be a multiple of the number of devices "
+                    f"({mesh.size})")
+  k = input_pipeline.num_classes(config.data)
+  model = models.create_model(config.model, k)
+  pool = 4 * batch
+  rng = np.random.default_rng(seed)
+  images = train.replicate(rng.standard_normal((pool, 32, 32, 3), np.float32), mesh)
+  labels = train.replicate(rng.integers(0, k, pool).astype(np.int32), mesh)
+  idx = train.replicate(np.stack([rng.permutation(pool)[:batch] for _ in range(steps)])
+                        .astype(np.int32), mesh)
+  key = jax.random.key(seed)
+  params = models.init_params(model, jax.random.fold_in(key, 1))
+  spe = max(1, 50000 // batch)
+  tx = train.make_optimizer(config.optimizer, spe, params)
+  fns = train.make_steps(model, tx, mesh, config, pool, spe)
+  put = lambda tree: jax.device_put(tree, NamedSharding(mesh, P()))  # noqa: E731
+  state = put(train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))
+  sums = put(train.zero_metrics())
+  train_key = jax.random.fold_in(key, 2)
+
+  device = jax.devices()[0]
+  print(f"{config.model.name} width x{config.model.width_multiplier:g} "
+        f"({models.count_params(params):,} parameters), {config.model.dtype}, batch {batch}, "
+        f"augment={config.data.augment}, on {mesh.size} x {device.device_kind} "
+        f"({device.platform}, jax {jax.__version__})", flush=True)
+  if device.platform == "cpu":
+    load = os.getloadavg()
+    print(f"host: {os.cpu_count()} CPU(s), load average {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}", flush=True)
+
+  t0 = time.perf_counter()
+  compiled = fns.train_chunk.lower(state, sums, images, labels, idx, train_key).compile()
+  compile_s = time.perf_counter() - t0
+  print(f"compile time: {compile_s:.2f} s (chunk of {steps} steps)", flush=True)
+
+  def run() -> float:
+    nonlocal state, sums
+    t = time.perf_counter()
+    state, sums = compiled(state, sums, images, labels, idx, train_key)
+    jax.block_until_ready((state, sums))
+    return time.perf_counter() - t
+
+  warm = [run() for _ in range(warmup)]
+  if warm:
+    print(f"warm-up: {len(warm)} chunk(s), first {warm[0]:.3f} s", flush=True)
+  times = [run() for _ in range(repeats)]
+  loss = float(sums["loss"]) / max(float(sums["count"]), 1.0)
+  chunk_s = statistics.median(times)
+  ips = steps * batch / chunk_s
+  flops = models.train_flops_per_image(config.model.name, config.model.width_multiplier, k)
+  tflops = flops * ips / 1e12
+  print(f"timed: {repeats} chunk(s) of {steps} steps: "
+        f"{', '.join(f'{t:.3f}' for t in times)} s (median {chunk_s:.3f} s, "
+        f"{chunk_s / steps * 1e3:.2f} ms/step); mean train loss {loss:.4f}", flush=True)
+  print(f"train FLOPs/image: {flops / 1e9:.4g} GFLOP (3x forward); achieved "
+        f"{tflops:.3f} TFLOP/s", flush=True)
+  for line in peak_lines(device.device_kind, device.platform, config.model.dtype, tflops):
+    print(line, flush=True)
+  print(f"train images/s: {ips:.1f}", flush=True)
+  return {"compile_sec": compile_s, "chunk_sec": times, "images_per_sec": ips,
+          "tflops": tflops, "devices": f"{mesh.size} x {device.device_kind}"}
+
+
+def _fail(message: str, code: int = 2) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors (as main.py does)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except Exception as e:  # noqa: BLE001 - ml_collections raises plain errors for bad overrides
+    from allconv_jax import config_lib
+    from configs import default
+
+    known = dict(config_lib.flatten(default.get_config()))
+    for arg in argv[1:]:
+      key = arg.split("=", 1)[0].removeprefix("--config.")
+      if arg.startswith("--config.") and key not in known:
+        _fail(f"unknown config key {key!r} in {arg}; see README.md, 'Config keys'")
+    _fail(f"could not parse the flags: {type(e).__name__}: {e}")
+  return []
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.config is None:
+    _fail("--config is required, e.g. --config=configs/all_cnn_c.py")
+  from allconv_jax.errors import UserError
+
+  try:
+    config = FLAGS.config
+    config.get("model")
+  except Exception as e:  # noqa: BLE001 - config_flags defers load errors until first access
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    _fail(f"could not load the config file: {lines[-1] if lines else type(e).__name__}")
+  try:
+    benchmark(config, FLAGS.steps, FLAGS.warmup, FLAGS.repeats, FLAGS.seed)
+  except UserError as e:
+    _fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,127 @@
+"""Transfer learning: frozen backbone (step 1), fine-tuning (step 2), source checks."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from allconv_jax import input_pipeline, models, transfer
+from allconv_jax import train as train_lib
+from allconv_jax.errors import UserError
+from configs import scratch_subset, transfer_step1, transfer_step2
+from tests.helpers import run_main, tiny_config, tiny_flags
+
+
+def leaves(tree):
+  return jax.tree_util.tree_leaves_with_path(tree)
+
+
+def subset_config(**kw):
+  return tiny_config(data__dataset="cifar100", data__subset="class1", data__max_train_examples=0,
+                     **kw)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A CIFAR-10 source run, a step-1 run from it and a step-2 run from that."""
+  root = tmp_path_factory.mktemp("transfer")
+  source, step1, step2 = (str(root / n) for n in ("source", "step1", "step2"))
+  train_lib.train_and_evaluate(tiny_config(num_epochs=1), source)
+  train_lib.train_and_evaluate(
+      subset_config(num_epochs=2, transfer__source=source, optimizer__freeze="backbone/"), step1)
+  train_lib.train_and_evaluate(
+      subset_config(num_epochs=2, transfer__source=step1, transfer__new_classifier=False),
+      step2)
+  return source, step1, step2
+
+
+def test_step1_keeps_the_backbone_bit_identical_and_trains_the_class_layer(runs):
+  source, step1, _ = runs
+  _, src = transfer.load_run_params(source)
+  config, got = transfer.load_run_params(step1)
+  assert set(got) == {"backbone", "classifier"}
+  for (path, a), (_, b) in zip(leaves(src["backbone"]), leaves(got["backbone"]), strict=True):
+    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), path
+  assert got["classifier"]["kernel"].shape == (1, 1, 10, 10)
+  fresh = models.init_params(models.create_model(config.model, 10),
+                             jax.random.fold_in(jax.random.key(config.seed), 0))
+  for (path, a), (_, b) in zip(leaves(fresh["classifier"]), leaves(got["classifier"]),
+                               strict=True):
+    assert not np.array_equal(np.asarray(a), np.asarray(b)), path
+
+
+def test_step2_changes_every_parameter(runs):
+  _, step1, step2 = runs
+  _, before = transfer.load_run_params(step1)
+  _, after = transfer.load_run_params(step2)
+  for (path, a), (_, b) in zip(leaves(before), leaves(after), strict=True):
+    changed = np.mean(np.asarray(a) != np.asarray(b))
+    assert changed > 0.9, (path, changed)
+
+
+def test_transfer_reuses_the_source_preprocessing_and_records_the_source(runs):
+  source, step1, step2 = runs
+  src = input_pipeline.load_preprocessing(os.path.join(source, "preprocessing.npz"))
+  for run in (step1, step2):
+    got = input_pipeline.load_preprocessing(os.path.join(run, "preprocessing.npz"))
+    assert src.keys() == got.keys()
+    assert all(np.array_equal(src[k], got[k]) for k in src)
+  with open(os.path.join(step1, "results.json")) as f:
+    res = json.load(f)
+  assert res["transfer_source"] == source and res["dataset"] == "cifar100"
+  assert res["subset"] == "class1" and len(res["classes"]) == 10
+
+
+def test_step1_from_best_checkpoint(runs, tmp_path):
+  source, _, _ = runs
+  out = train_lib.train_and_evaluate(
+      subset_config(num_epochs=1, transfer__source=source, transfer__checkpoint="best",
+                    optimizer__freeze="backbone/"), str(tmp_path))
+  assert out["transfer_source"] == source
+
+
+def test_source_errors(runs, tmp_path):
+  source, step1, _ = runs
+  with pytest.raises(UserError, match="transfer.source: .* does not exist"):
+    transfer.check_source(subset_config(transfer__source=str(tmp_path / "nope")))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(UserError, match="not a run's workdir"):
+    transfer.check_source(subset_config(transfer__source=str(tmp_path / "empty")))
+  with pytest.raises(UserError, match="holds a all_cnn_c of width x0.05; this config builds a "
+                                      "model_c of width x0.05"):
+    transfer.check_source(subset_config(transfer__source=source, model__name="model_c"))
+  with pytest.raises(UserError, match="width x0.05; this config builds a all_cnn_c of width x0.1"):
+    transfer.check_source(subset_config(transfer__source=source, model__width_multiplier=0.1))
+  with pytest.raises(UserError, match="class layer for 10 classes, this run has 100"):
+    transfer.check_source(tiny_config(data__dataset="cifar100", transfer__source=step1,
+                                      transfer__new_classifier=False))
+  nockpt = tmp_path / "nockpt"
+  nockpt.mkdir()
+  (nockpt / "config.json").write_text(open(os.path.join(source, "config.json")).read())
+  with pytest.raises(UserError, match="has no checkpoints"):
+    transfer.check_source(subset_config(transfer__source=str(nockpt)))
+
+
+def test_wrong_source_through_main_is_one_line(runs, tmp_path):
+  source, _, _ = runs
+  r = run_main("--config=configs/transfer_step1.py", f"--workdir={tmp_path / 'w'}",
+               *tiny_flags(model__name="model_a", transfer__source=source,
+                           data__dataset="cifar100", data__subset="class1"))
+  assert r.returncode != 0
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "holds a all_cnn_c of width x0.05" in lines[0], r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_transfer_configs():
+  step1, step2, scratch = (m.get_config() for m in (transfer_step1, transfer_step2,
+                                                    scratch_subset))
+  assert step1.optimizer.freeze == "backbone/" and step1.transfer.new_classifier
+  assert step1.num_epochs == 50 and step2.num_epochs == 50 and scratch.num_epochs == 350
+  assert step2.optimizer.freeze == "" and not step2.transfer.new_classifier
+  assert scratch.transfer.source == ""
+  for c in (step1, step2, scratch):
+    assert c.data.dataset == "cifar100" and c.data.subset == "class1"
+    assert input_pipeline.num_classes(c.data) == 10
