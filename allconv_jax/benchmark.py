@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -177,6 +177,7 @@ def main(argv: list[str]) -> None:
     _fail("--config is required, e.g. --config=configs/all_cnn_c.py")
   from allconv_jax.errors import UserError
 
+  logging.set_verbosity(logging.WARNING)
   try:
     config = FLAGS.config
     config.get("model")

@@ -151,45 +151,76 @@ class Steps:
   epoch_indices: Callable[..., jax.Array]
 
 
+def use_scan() -> bool:
+  """Whether to run a chunk of steps as one `lax.scan` (GPU/TPU) or as a loop of jitted steps.
+
+  XLA:CPU runs convolutions inside a while loop (a rolled scan) about 40x slower than the same
+  step jitted alone (measured: 4 vs 154 images/s, quarter-width All-CNN-C, jaxlib 0.10.2), so
+  on the CPU each step is its own dispatch; the arithmetic is the same either way.
+  """
+  return jax.default_backend() != "cpu"
+
+
 def make_steps(model: models.AllConvNet, tx: optax.GradientTransformation, mesh: Mesh,
                config: ml_collections.ConfigDict, num_train: int,
                steps_per_epoch: int) -> Steps:
-  """Jits the chunk of train steps (a lax.scan), the evaluation and the data order."""
+  """Jits the chunk of train steps, the evaluation and the data order."""
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
   step = functools.partial(train_step, model=model, tx=tx, augment=config.data.augment,
                            translate=config.data.translate_pixels)
 
-  def train_chunk(state: TrainState, sums: Metrics, images: jax.Array, labels: jax.Array,
-                  idx: jax.Array, key: jax.Array) -> tuple[TrainState, Metrics]:
-    def body(carry: tuple[TrainState, Metrics], batch_idx: jax.Array) -> tuple[Any, None]:
-      state, sums = carry
-      x = jax.lax.with_sharding_constraint(images[batch_idx], batch_sharding)
-      y = jax.lax.with_sharding_constraint(labels[batch_idx], batch_sharding)
-      state, m = step(state, x, y, jax.random.fold_in(key, state.step))
-      return (state, jax.tree_util.tree_map(jnp.add, sums, m)), None
+  def one_step(state: TrainState, sums: Metrics, images: jax.Array, labels: jax.Array,
+               batch_idx: jax.Array, key: jax.Array) -> tuple[TrainState, Metrics]:
+    x = jax.lax.with_sharding_constraint(images[batch_idx], batch_sharding)
+    y = jax.lax.with_sharding_constraint(labels[batch_idx], batch_sharding)
+    state, m = step(state, x, y, jax.random.fold_in(key, state.step))
+    return state, jax.tree_util.tree_map(jnp.add, sums, m)
 
-    (state, sums), _ = jax.lax.scan(body, (state, sums), idx)
-    return state, sums
+  def one_eval(sums: Metrics, params: Any, x: jax.Array, y: jax.Array,
+               mask: jax.Array) -> Metrics:
+    x, y, mask = (jax.lax.with_sharding_constraint(b, batch_sharding) for b in (x, y, mask))
+    return jax.tree_util.tree_map(jnp.add, sums, eval_step(params, x, y, mask, model=model))
 
-  def evaluate(params: Any, images: jax.Array, labels: jax.Array, mask: jax.Array) -> Metrics:
-    def body(sums: Metrics, batch: tuple[jax.Array, ...]) -> tuple[Metrics, None]:
-      x, y, m = (jax.lax.with_sharding_constraint(b, batch_sharding) for b in batch)
-      out = eval_step(params, x, y, m, model=model)
-      return jax.tree_util.tree_map(jnp.add, sums, out), None
+  if use_scan():
+    def scan_chunk(state: TrainState, sums: Metrics, images: jax.Array, labels: jax.Array,
+                   idx: jax.Array, key: jax.Array) -> tuple[TrainState, Metrics]:
+      def body(carry: tuple[TrainState, Metrics], batch_idx: jax.Array) -> tuple[Any, None]:
+        return one_step(*carry, images, labels, batch_idx, key), None
+      return jax.lax.scan(body, (state, sums), idx)[0]
 
-    sums, _ = jax.lax.scan(body, zero_metrics(), (images, labels, mask))
-    return sums
+    def scan_eval(params: Any, images: jax.Array, labels: jax.Array,
+                  mask: jax.Array) -> Metrics:
+      def body(sums: Metrics, batch: tuple[jax.Array, ...]) -> tuple[Metrics, None]:
+        return one_eval(sums, params, *batch), None
+      return jax.lax.scan(body, zero_metrics(), (images, labels, mask))[0]
+
+    train_chunk = jax.jit(scan_chunk, donate_argnums=(0, 1), out_shardings=replicated)
+    evaluate = jax.jit(scan_eval, out_shardings=replicated)
+  else:
+    jit_step = jax.jit(one_step, donate_argnums=(0, 1), out_shardings=replicated)
+    jit_eval = jax.jit(one_eval, donate_argnums=(0,), out_shardings=replicated)
+    jit_zero = jax.jit(zero_metrics, out_shardings=replicated)
+
+    def train_chunk(state: TrainState, sums: Metrics, images: jax.Array, labels: jax.Array,
+                    idx: jax.Array, key: jax.Array) -> tuple[TrainState, Metrics]:
+      for i in range(idx.shape[0]):
+        state, sums = jit_step(state, sums, images, labels, idx[i], key)
+      return state, sums
+
+    def evaluate(params: Any, images: jax.Array, labels: jax.Array, mask: jax.Array) -> Metrics:
+      sums = jit_zero()
+      for i in range(images.shape[0]):
+        sums = jit_eval(sums, params, images[i], labels[i], mask[i])
+      return sums
 
   def epoch_indices(key: jax.Array, epoch: jax.Array) -> jax.Array:
     perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_train)
     return perm[: steps_per_epoch * config.batch_size].reshape(steps_per_epoch,
                                                                 config.batch_size)
 
-  return Steps(
-      train_chunk=jax.jit(train_chunk, donate_argnums=(0, 1), out_shardings=replicated),
-      evaluate=jax.jit(evaluate, out_shardings=replicated),
-      epoch_indices=jax.jit(epoch_indices, out_shardings=replicated))
+  return Steps(train_chunk=train_chunk, evaluate=evaluate,
+               epoch_indices=jax.jit(epoch_indices, out_shardings=replicated))
 
 
 # ----------------------------------------------------------------------------- data on device
@@ -465,7 +496,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   if source is not None and not ckpts.steps():
     params = transfer.initial_params(source, config, params)
   put = functools.partial(jax.device_put, device=NamedSharding(mesh, P()))
-  state = put(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))
+  state = put(TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params)))
   sums = put(zero_metrics())
   restored = ckpts.restore_newest({"state": state, "sums": sums})
   records: list[dict[str, Any]] = []

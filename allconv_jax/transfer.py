@@ -88,10 +88,17 @@ def load_run_params(workdir: str, which: str = "latest") -> tuple[ml_collections
   workdir = os.path.abspath(workdir)
   config = read_run_config(workdir)
   model = models.create_model(config.model, input_pipeline.num_classes(config.data))
-  params = models.init_params(model, jax.random.key(0))
-  tx = train.make_optimizer(config.optimizer, 1, params)
-  target = {"state": train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)),
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def abstract_state() -> Any:
+    params = models.init_params(model, jax.random.key(0))
+    tx = train.make_optimizer(config.optimizer, 1, params)
+    return {"state": train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)),
             "sums": train.zero_metrics()}
+
+  target = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+      jax.eval_shape(abstract_state))
   ckpts = checkpointing.Checkpoints(workdir)
   try:
     if which == "best":
