@@ -15,14 +15,13 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
 from absl import app, flags, logging
 
-from allconv_jax import paper
+from allconv_jax import cli, paper
 from allconv_jax.errors import UserError
 
 matplotlib.use("Agg")  # headless; must come before pyplot is imported
@@ -254,22 +253,9 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Folder for results.md and the plots.")
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  return []
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
   fl = flags.FLAGS
   try:
@@ -283,10 +269,10 @@ def main(argv: list[str]) -> None:
     runs = load_runs(workdirs, fl.root)
     path = write_report(runs, fl.out)
   except UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   print(f"{len(runs)} run(s): {path}, {COMPARISON_PNG} and {len(runs)} run plot(s) in {fl.out}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 from absl import app, flags, logging
 
+from allconv_jax import cli
 from allconv_jax.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -414,25 +415,16 @@ def define_flags() -> None:
                       "sweep summary.")
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing of the sweep's flags; --config.* overrides are passed through untouched."""
   rest, overrides = split_overrides(argv[1:])
-  try:
-    return [*flags.FLAGS([argv[0], *rest]), *overrides]
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  return []
+  return [*cli.parse_flags([argv[0], *rest]), *overrides]
 
 
 def main(argv: list[str]) -> None:
   rest, overrides = split_overrides(argv[1:])
   if rest:
-    _fail(f"unexpected arguments: {' '.join(rest)}")
+    cli.fail(f"unexpected arguments: {' '.join(rest)}")
   logging.set_verbosity(logging.WARNING)
   fl = flags.FLAGS
   try:
@@ -443,7 +435,7 @@ def main(argv: list[str]) -> None:
       raise UserError("--root is required (the folder for the sweep's runs)")
     summary = run_sweep(fl.configs, parse_rates(fl.learning_rates), fl.root, overrides)
   except UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   except Interrupted as e:
     print(f"interrupted: {e}", file=sys.stderr, flush=True)
     sys.exit(130)

@@ -21,7 +21,6 @@ scaled by its largest absolute value for display (zero = mid-grey). Only PNGs ar
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ import matplotlib
 import numpy as np
 from absl import app, flags, logging
 
-from allconv_jax import input_pipeline, models, train
+from allconv_jax import cli, input_pipeline, models, train
 from allconv_jax.errors import UserError
 
 matplotlib.use("Agg")  # headless; must come before pyplot is imported
@@ -248,19 +247,6 @@ def define_flags() -> None:
                     "maximal activation over space (max) or of its spatial sum (sum).")
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  return []
-
-
 def parse_units(values: Sequence[str] | None) -> tuple[int, ...]:
   """Unit indices from text; UserError if one is not a whole number."""
   try:
@@ -271,7 +257,7 @@ def parse_units(values: Sequence[str] | None) -> tuple[int, ...]:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
   fl = flags.FLAGS
   try:
@@ -282,11 +268,11 @@ def main(argv: list[str]) -> None:
     written = visualize(fl.workdir, fl.out, fl.checkpoint, fl.num_images, fl.layer,
                         parse_units(fl.units), fl.unit_objective)
   except UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   for path in written:
     print(path)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -61,7 +61,7 @@ def main() -> None:
   images = torch.randn(pool, 3, 32, 32).contiguous(memory_format=fmt)
   labels = torch.randint(0, 10, (pool,))
 
-  def step(i: int) -> float:
+  def step(i: int) -> torch.Tensor:
     sl = slice((i % 4) * args.batch_size, (i % 4 + 1) * args.batch_size)
     x, y = images[sl], labels[sl]
     opt.zero_grad(set_to_none=True)
@@ -69,7 +69,7 @@ def main() -> None:
       loss = loss_fn(model(x), y)
     loss.backward()
     opt.step()
-    return loss
+    return loss.detach()
 
   print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"{'channels_last' if args.channels_last else 'NCHW'}"

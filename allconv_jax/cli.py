@@ -1,0 +1,53 @@
+"""Command-line plumbing shared by main.py and the allconv_jax tools: every error is one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn
+
+from absl import flags
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+  """Prints `error: message` on stderr and exits with `code`."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors are one line (for app.run's flags_parser)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+  """Like parse_flags, and a bad `--config.*` override (ml_collections raises plain errors)
+  becomes one line naming the key."""
+  try:
+    return parse_flags(argv)
+  except SystemExit:
+    raise
+  except Exception as e:  # noqa: BLE001 - ml_collections raises plain errors for bad overrides
+    from allconv_jax import config_lib
+    from configs import default
+
+    known = dict(config_lib.flatten(default.get_config()))
+    for arg in argv[1:]:
+      key = arg.split("=", 1)[0].removeprefix("--config.")
+      if arg.startswith("--config.") and key not in known:
+        fail(f"unknown config key {key!r} in {arg}; see README.md, 'Config keys'")
+    fail(f"could not parse the flags: {type(e).__name__}: {e}")
+
+
+def load_config(value: Any) -> Any:
+  """The config of a `config_flags` flag; its deferred load errors become one line."""
+  if value is None:
+    fail("--config is required, e.g. --config=configs/all_cnn_c.py")
+  try:
+    value.get("model")
+  except Exception as e:  # noqa: BLE001 - config_flags defers load errors until first access
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    fail(f"could not load the config file: {lines[-1] if lines else type(e).__name__}")
+  return value

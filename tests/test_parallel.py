@@ -1,0 +1,95 @@
+"""Data parallelism: a tiny run over 4 (forced host) CPU devices matches the same run on 1 device.
+
+The device count is fixed when jax starts, so each run is its own Python process with
+XLA_FLAGS=--xla_force_host_platform_device_count=N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT
+
+TIMING = ("images_per_sec", "elapsed_sec")
+RESULT_KEYS = ("test_loss", "test_accuracy", "final_val_accuracy", "best_val_accuracy",
+               "best_epoch", "steps", "num_params")
+
+# For each argument 'WORKDIR=loop|scan': runs tiny_config() in WORKDIR with chunks of steps as a
+# loop of jitted steps (XLA:CPU's default) or as one lax.scan (GPU/TPU's), then prints
+# jax.device_count() and the run's outputs as JSON.
+SCRIPT = """
+import json, sys
+import jax
+from allconv_jax import train
+from tests.helpers import tiny_config
+for arg in sys.argv[1:]:
+  workdir, mode = arg.rsplit("=", 1)
+  train.use_scan = lambda: mode == "scan"
+  results = train.train_and_evaluate(tiny_config(), workdir)
+  records = train.read_metrics(workdir + "/metrics.jsonl")
+  print("RESULT " + json.dumps({"mode": mode, "device_count": jax.device_count(),
+                                "results": results, "records": records}))
+"""
+
+
+def run_tiny(devices: int, *runs: tuple[str, str]) -> dict[str, dict]:
+  """Tiny 2-epoch runs (global batch 32), (workdir, 'loop' or 'scan') each, in one fresh
+  process with `devices` CPU devices; their JSON outputs by mode, the metrics records
+  without their timing fields."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, *(f"{w}={m}" for w, m in runs)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = {}
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT "):
+      run = json.loads(line.removeprefix("RESULT "))
+      run["records"] = [{k: v for k, v in r.items() if k not in TIMING} for r in run["records"]]
+      out[run["mode"]] = run
+  assert sorted(out) == sorted(m for _, m in runs), proc.stdout[-3000:]
+  return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+  """The same tiny run on 1 device, and on 4 devices both as a loop and as a lax.scan."""
+  tmp = tmp_path_factory.mktemp
+  one = run_tiny(1, (str(tmp("one_loop")), "loop"))
+  four = run_tiny(4, (str(tmp("four_loop")), "loop"), (str(tmp("four_scan")), "scan"))
+  return {"1 loop": one["loop"], "4 loop": four["loop"], "4 scan": four["scan"]}
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+  assert len(a["records"]) == len(b["records"]) == 2
+  for ra, rb in zip(a["records"], b["records"], strict=True):
+    assert ra.keys() == rb.keys()
+    for key in ra:
+      if isinstance(ra[key], float):
+        np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-7, err_msg=key)
+      else:
+        assert rb[key] == ra[key], key
+  for key in RESULT_KEYS:
+    np.testing.assert_allclose(b["results"][key], a["results"][key], rtol=1e-5, atol=1e-7,
+                               err_msg=key)
+
+
+def test_four_devices_were_used(runs: dict[str, dict]) -> None:
+  assert runs["1 loop"]["device_count"] == 1
+  assert runs["1 loop"]["results"]["devices"].startswith("1 x ")
+  for name in ("4 loop", "4 scan"):
+    assert runs[name]["device_count"] == 4
+    assert runs[name]["results"]["devices"].startswith("4 x ")
+
+
+@pytest.mark.parametrize("name", ["4 loop", "4 scan"])
+def test_same_metrics_on_one_and_four_devices(runs: dict[str, dict], name: str) -> None:
+  """Data parallelism changes no number (beyond float rounding), looped or scanned."""
+  assert_same_run(runs["1 loop"], runs[name])
