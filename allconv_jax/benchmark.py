@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from allconv_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_integer("steps", 20, "Train steps in one timed chunk (one dispatch).", lower_bound=1)
+flags.DEFINE_integer("steps", 20, "Train steps in one timed chunk (one dispatch on GPU/TPU).",
+                     lower_bound=1)
 flags.DEFINE_integer("warmup", 1, "Untimed chunks (the first one compiles).", lower_bound=1)
 flags.DEFINE_integer("repeats", 3, "Timed chunks; the median is reported.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the random data and parameters.")
@@ -154,49 +156,18 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0)
           "tflops": tflops, "devices": f"{mesh.size} x {device.device_kind}"}
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors (as main.py does)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  except Exception as e:  # noqa: BLE001 - ml_collections raises plain errors for bad overrides
-    from allconv_jax import config_lib
-    from configs import default
-
-    known = dict(config_lib.flatten(default.get_config()))
-    for arg in argv[1:]:
-      key = arg.split("=", 1)[0].removeprefix("--config.")
-      if arg.startswith("--config.") and key not in known:
-        _fail(f"unknown config key {key!r} in {arg}; see README.md, 'Config keys'")
-    _fail(f"could not parse the flags: {type(e).__name__}: {e}")
-  return []
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  if FLAGS.config is None:
-    _fail("--config is required, e.g. --config=configs/all_cnn_c.py")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   from allconv_jax.errors import UserError
 
   logging.set_verbosity(logging.WARNING)
-  try:
-    config = FLAGS.config
-    config.get("model")
-  except Exception as e:  # noqa: BLE001 - config_flags defers load errors until first access
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    _fail(f"could not load the config file: {lines[-1] if lines else type(e).__name__}")
+  config = cli.load_config(FLAGS.config)
   try:
     benchmark(config, FLAGS.steps, FLAGS.warmup, FLAGS.repeats, FLAGS.seed)
   except UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_config_flags)

@@ -26,7 +26,7 @@ def check_output(stdout: str) -> float:
   """The images/s of a benchmark's output, after checking its other lines."""
   assert re.search(r"^compile time: \d+\.\d+ s", stdout, re.M), stdout
   assert re.search(r"achieved \d+\.\d+ TFLOP/s", stdout), stdout
-  assert "peak fraction: n/a on cpu" in stdout
+  assert re.search(r"^peak fraction: ", stdout, re.M), stdout
   last = stdout.strip().splitlines()[-1]
   match = re.fullmatch(r"train images/s: (\d+\.\d+)", last)
   assert match, last
@@ -38,6 +38,7 @@ def test_benchmark_cli(dtype: str) -> None:
   proc = run_benchmark(*TINY, f"--config.model.dtype={dtype}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f", {dtype}, batch 16," in proc.stdout
+  assert "peak fraction: n/a on cpu" in proc.stdout
   assert check_output(proc.stdout) > 0
 
 
@@ -65,3 +66,17 @@ def test_nominal_peaks() -> None:
   assert lines == ["peak fraction: 10.0% of the nominal dense bf16 peak (989 TFLOP/s)"]
   assert "TF32" in benchmark.peak_lines("NVIDIA A100-SXM4-40GB", "gpu", "float32", 15.6)[0]
   assert "not in" in benchmark.peak_lines("NVIDIA B200", "gpu", "bfloat16", 1.0)[0]
+
+
+def test_benchmark_scan_path_compiles_ahead_of_time(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+  """The GPU/TPU path (one jitted lax.scan per chunk), forced on the CPU."""
+  from allconv_jax import train
+  from tests.helpers import tiny_config
+
+  monkeypatch.setattr(train, "use_scan", lambda: True)
+  out = benchmark.benchmark(tiny_config(batch_size=8), steps=2, warmup=1, repeats=1)
+  stdout = capsys.readouterr().out
+  assert "(ahead of time; chunk of 2 steps as one dispatch)" in stdout
+  assert abs(out["images_per_sec"] - check_output(stdout)) < 0.1
+  assert out["devices"].startswith("1 x ") and len(out["chunk_sec"]) == 1
