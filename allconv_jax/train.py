@@ -577,13 +577,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
             ckpts.save(step, {"state": state, "sums": sums})
             raise Interrupted(step)
         train = summarize(sums)
+        train_seconds = max(time.time() - t_epoch, 1e-9)
         v = summarize(steps.evaluate(state.params, val.images, val.labels, val.mask)) \
             if val.size else None
         record = {
             "epoch": epoch + 1, "step": step, "learning_rate": float(schedule(step - 1)),
             "train_loss": train["loss"], "train_accuracy": train["accuracy"],
             "val_loss": v["loss"] if v else None, "val_accuracy": v["accuracy"] if v else None,
-            "images_per_sec": images_seen / max(time.time() - t_epoch, 1e-9),
+            "images_per_sec": images_seen / train_seconds,
             "elapsed_sec": elapsed0 + time.time() - t_loop,
         }
         if jax.process_index() == 0:
