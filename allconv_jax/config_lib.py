@@ -24,8 +24,7 @@ RUN_DEFINING_KEYS = (
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> Iterator[
     tuple[str, Any]]:
   """Yields ('a.b', value) for every leaf of a (nested) config."""
-  items = config.items() if isinstance(config, dict) else config.items()
-  for key, value in items:
+  for key, value in config.items():
     path = f"{prefix}{key}"
     if isinstance(value, (ml_collections.ConfigDict, dict)):
       yield from flatten(value, path + ".")

@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
+import json
 import math
 import os
+import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,7 +73,6 @@ def make_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int) -> optax
 
 def param_labels(params: Any, freeze: str) -> Any:
   """'frozen' for parameters whose path ('backbone/stage1_conv1/kernel') matches `freeze`."""
-  import re
   pattern = re.compile(freeze) if freeze else None
 
   def label(path: tuple[Any, ...], _: Any) -> str:
@@ -303,7 +306,6 @@ class Writer:
     self.writer = None
     if not enabled or jax.process_index() != 0:
       return
-    import importlib.util
     if importlib.util.find_spec("tensorflow") is None:
       return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -326,7 +328,6 @@ class Writer:
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """The records of a metrics.jsonl file (a truncated last line from a kill is dropped)."""
-  import json
   if not os.path.exists(path):
     return []
   records = []
@@ -341,8 +342,6 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 def write_metrics(path: str, records: list[dict[str, Any]]) -> None:
   """Rewrites metrics.jsonl atomically with `records`."""
-  import json
-  import tempfile
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-metrics-")
   with os.fdopen(fd, "w") as f:
     for r in records:
@@ -353,7 +352,7 @@ def write_metrics(path: str, records: list[dict[str, Any]]) -> None:
 
 
 def append_metrics(path: str, record: dict[str, Any]) -> None:
-  import json
+  """Appends one record to metrics.jsonl and flushes it to disk."""
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
     f.flush()
