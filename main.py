@@ -46,6 +46,10 @@ def main(argv: list[str]) -> None:
   except train.Interrupted as e:
     print(f"interrupted: {e}", file=sys.stderr, flush=True)
     sys.exit(130)
+  except KeyboardInterrupt:
+    print("interrupted before training started or after it ended; run the same command again "
+          "to resume", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

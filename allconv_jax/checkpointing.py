@@ -50,8 +50,14 @@ def read_json(path: str) -> Any:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
-  """Holds an exclusive lock on the workdir; the OS releases it when the process dies."""
+  """Holds an exclusive lock on the workdir; the OS releases it when the process dies.
+
+  Only process 0 of a multi-host run takes it (the others share its workdir).
+  """
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:
+    yield
+    return
   path = os.path.join(workdir, ".lock")
   f = open(path, "a+")  # noqa: SIM115 - held open for the duration of the run
   try:
@@ -82,6 +88,9 @@ class Checkpoints:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                              enable_async_checkpointing=False))
+    path = os.path.join(workdir, BEST_FILE)
+    # Kept in memory so that every process of a multi-host run prunes the same steps.
+    self._best: dict[str, Any] | None = read_json(path) if os.path.exists(path) else None
 
   def steps(self) -> list[int]:
     """Finished checkpoint steps, oldest first."""
@@ -90,8 +99,17 @@ class Checkpoints:
 
   def best(self) -> dict[str, Any] | None:
     """{'step', 'epoch', 'val_accuracy'} of the best checkpoint, if one was marked."""
+    return self._best
+
+  def _set_best(self, best: dict[str, Any] | None) -> None:
+    self._best = best
+    if jax.process_index() != 0:
+      return
     path = os.path.join(self.workdir, BEST_FILE)
-    return read_json(path) if os.path.exists(path) else None
+    if best is not None:
+      write_json(path, best)
+    elif os.path.exists(path):
+      os.remove(path)
 
   def save(self, step: int, tree: Any, best: dict[str, Any] | None = None) -> None:
     """Saves `tree` at `step`; `best` marks it as the best so far. Then prunes old ones."""
@@ -99,8 +117,8 @@ class Checkpoints:
       self.manager.delete(step)
     self.manager.save(step, args=ocp.args.StandardSave(tree))
     self.manager.wait_until_finished()
-    if best is not None and jax.process_index() == 0:
-      write_json(os.path.join(self.workdir, BEST_FILE), {**best, "step": step})
+    if best is not None:
+      self._set_best({**best, "step": step})
     self._prune()
 
   def _prune(self) -> None:
@@ -116,10 +134,11 @@ class Checkpoints:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-  def restore_newest(self, target: Any) -> tuple[int, Any] | None:
+  def restore_newest(self, target: Any, move_aside: bool = True) -> tuple[int, Any] | None:
     """The newest checkpoint that restores; corrupt ones are moved aside with a warning.
 
-    Returns None when there are no checkpoints; UserError when none of them is usable.
+    With `move_aside=False` (reading another run's workdir) nothing is moved. Returns None when
+    there are no checkpoints; UserError when none of them is usable.
     """
     steps = self.steps()
     for step in reversed(steps):
@@ -128,7 +147,13 @@ class Checkpoints:
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else \
             type(e).__name__
+        if not move_aside:
+          print(f"warning: checkpoint {self.directory}/{step} is unusable ({reason}); trying "
+                "the previous one", file=sys.stderr, flush=True)
+          continue
         aside = os.path.join(self.workdir, "corrupt_checkpoints", str(step))
+        if self._best is not None and self._best["step"] == step:
+          self._set_best(None)
         if jax.process_index() == 0:
           os.makedirs(os.path.dirname(aside), exist_ok=True)
           shutil.rmtree(aside, ignore_errors=True)

@@ -282,6 +282,16 @@ def make_eval_set(images: np.ndarray, labels: np.ndarray, batch: int, mesh: Mesh
                                                                      mesh), n)
 
 
+@jax.jit
+def _all_finite(params: Any) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
+
+
+def params_finite(params: Any) -> bool:
+  """Whether every parameter is finite (checked before each checkpoint)."""
+  return bool(_all_finite(params))
+
+
 def summarize(sums: Metrics) -> dict[str, float]:
   """Loss, accuracy and mean |logit| from summed metrics."""
   s = {k: float(v) for k, v in jax.device_get(sums).items()}
@@ -359,6 +369,14 @@ def append_metrics(path: str, record: dict[str, Any]) -> None:
     os.fsync(f.fileno())
 
 
+def should_stop(event: threading.Event) -> bool:
+  """Whether any process received a stop signal (all processes agree, so they save together)."""
+  if jax.process_count() == 1:
+    return event.is_set()
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array(event.is_set()))))
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
   """Sets an event on SIGTERM/SIGINT (main thread only), so the loop can save and stop."""
@@ -368,8 +386,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
     return
 
   def handler(signum: int, _: Any) -> None:
-    log(f"received {signal.Signals(signum).name}: saving a checkpoint, then stopping")
-    event.set()
+    event.set()  # no printing here: the handler may interrupt a print of the main thread
 
   old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
@@ -439,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   source = prepare(config, workdir)
   with checkpointing.workdir_lock(workdir):
-    if config.restart:
+    if config.restart and jax.process_index() == 0:
       clear_workdir(workdir)
     saved = check_resumable(config, workdir)
     files = workdir_files(workdir)
@@ -533,6 +550,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     write_metrics(files["metrics.jsonl"], records)
 
   step = int(state.step)
+  if step > total_steps:
+    raise UserError(f"workdir {workdir} has trained {step // spe} epochs already, more than "
+                    f"num_epochs={config.num_epochs}; raise num_epochs or use another --workdir")
   elapsed0 = records[-1]["elapsed_sec"] if records else 0.0
   best = max(records, key=lambda r: r["val_accuracy"] if r["val_accuracy"] is not None else -1,
              default=None)
@@ -551,7 +571,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       for epoch in range(step // spe, config.num_epochs):
         idx = steps.epoch_indices(data_key, epoch)
         pos = step - epoch * spe
-        t_epoch, images_seen = time.time(), 0
+        t_epoch, images_seen, stopping = time.time(), 0, False
         while pos < spe:
           end = min((pos // config.log_every_steps + 1) * config.log_every_steps, spe)
           state, sums = steps.train_chunk(state, sums, train_images, train_labels,
@@ -572,7 +592,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
           log(f"epoch {epoch + 1}/{config.num_epochs} step {pos}/{spe}: loss "
               f"{running['loss']:.4f} accuracy {running['accuracy']:.4f}, {rate:.0f} images/s, "
               f"ETA {eta / 60:.1f} min")
-          if stop.is_set() and pos < spe:
+          stopping = should_stop(stop)
+          if stopping and pos < spe:
+            log("received a stop signal: saving a checkpoint, then stopping")
             ckpts.save(step, {"state": state, "sums": sums})
             raise Interrupted(step)
         train = summarize(sums)
@@ -604,12 +626,22 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
           best_acc = v["accuracy"]
         last_epoch = epoch + 1 == config.num_epochs
         sums = put(zero_metrics())
+        stopping = should_stop(stop)
+        if not params_finite(state.params):
+          raise TrainingDiverged(
+              f"training diverged: the parameters are not finite after epoch {epoch + 1} at "
+              f"learning rate {float(schedule(step - 1)):g}; "
+              + (f"the last good checkpoint (step {last_good}) is kept" if last_good is not None
+                 else "no checkpoint was saved yet")
+              + "; lower optimizer.learning_rate or set optimizer.warmup_epochs")
         if is_best or last_epoch or (epoch + 1) % config.checkpoint.every_epochs == 0 or \
-            stop.is_set():
+            stopping:
+          if stopping:
+            log("received a stop signal: saving a checkpoint, then stopping")
           ckpts.save(step, {"state": state, "sums": sums},
                      best={"epoch": epoch + 1, "val_accuracy": best_acc} if is_best else None)
           last_good = step
-        if stop.is_set() and not last_epoch:
+        if stopping and not last_epoch:
           raise Interrupted(step)
   except Interrupted as e:
     ckpts.close()

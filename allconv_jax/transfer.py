@@ -105,9 +105,13 @@ def load_run_params(workdir: str, which: str = "latest") -> tuple[ml_collections
       best = ckpts.best()
       if best is None:
         raise UserError(f"{workdir} has no best checkpoint")
-      tree = ckpts.restore(best["step"], target)
+      try:
+        tree = ckpts.restore(best["step"], target)
+      except Exception as e:  # noqa: BLE001 - a missing or broken checkpoint is the user's to fix
+        raise UserError(f"the best checkpoint of {workdir} (step {best['step']}) cannot be "
+                        f"read ({type(e).__name__}); use transfer.checkpoint=latest") from None
     else:
-      restored = ckpts.restore_newest(target)
+      restored = ckpts.restore_newest(target, move_aside=False)
       if restored is None:
         raise UserError(f"{workdir} has no checkpoints")
       tree = restored[1]

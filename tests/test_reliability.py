@@ -149,6 +149,8 @@ def test_healthy_network_gets_no_dead_warning(tmp_path, capsys):
     ({"model__width_multiplier": 0.1}, "model.width_multiplier"),
     ({"data__dataset": "cifar100"}, "data.dataset"),
     ({"data__preprocessing": "gcn_zca"}, "data.preprocessing"),
+    ({"optimizer__freeze": "backbone/"}, "optimizer.freeze"),
+    ({"optimizer__momentum": 0.0}, "optimizer.momentum"),
 ])
 def test_resume_with_an_invalidating_change_is_refused(tmp_path, override, key):
   train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
@@ -183,3 +185,10 @@ def test_truncated_metrics_line_is_dropped(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"epoch": 1, "step": 8}\n{"epoch": 2, "st')
   assert train.read_metrics(str(path)) == [{"epoch": 1, "step": 8}]
+
+
+def test_fewer_epochs_than_already_trained_is_refused(tmp_path):
+  train.train_and_evaluate(tiny_config(num_epochs=2), str(tmp_path))
+  os.remove(tmp_path / "results.json")
+  with pytest.raises(UserError, match="has trained 2 epochs already, more than num_epochs=1"):
+    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
