@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from absl import flags
@@ -51,3 +54,14 @@ def load_config(value: Any) -> Any:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     fail(f"could not load the config file: {lines[-1] if lines else type(e).__name__}")
   return value
+
+
+@contextlib.contextmanager
+def signal_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
+  """Installs `handler` for SIGTERM and SIGINT, restoring the previous handlers afterwards."""
+  old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)

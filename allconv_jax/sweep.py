@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -208,12 +207,8 @@ def _forward_signals() -> Iterator[_Child]:
     if child.proc is not None and child.proc.poll() is None:
       child.proc.send_signal(signum)
 
-  old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-  try:
+  with cli.signal_handler(handler):
     yield child
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
 
 
 def main_command(point: Point) -> list[str]:

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -33,7 +32,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from allconv_jax import checkpointing, config_lib, input_pipeline, models, transfer
+from allconv_jax import checkpointing, cli, config_lib, input_pipeline, models, transfer
 from allconv_jax.errors import UserError
 
 Metrics = dict[str, jax.Array]
@@ -42,6 +41,14 @@ METRIC_KEYS = ("loss", "correct", "count", "logit_abs")
 
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
+
+
+def diverged(what: str, learning_rate: float, last_good: int | None) -> TrainingDiverged:
+  """The one-line error for a run whose numbers blew up."""
+  kept = (f"the last good checkpoint (step {last_good}) is kept" if last_good is not None
+          else "no checkpoint was saved yet")
+  return TrainingDiverged(f"training diverged: {what} at learning rate {learning_rate:g}; {kept}; "
+                          "lower optimizer.learning_rate or set optimizer.warmup_epochs")
 
 
 class Interrupted(Exception):
@@ -388,12 +395,8 @@ def stop_on_signals() -> Iterator[threading.Event]:
   def handler(signum: int, _: Any) -> None:
     event.set()  # no printing here: the handler may interrupt a print of the main thread
 
-  old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
+  with cli.signal_handler(handler):
     yield event
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -578,12 +581,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                                           idx[pos:end], train_key)
           running = summarize(sums)
           if not math.isfinite(running["loss"]):
-            raise TrainingDiverged(
-                f"training diverged: the loss is {running['loss']} in epoch {epoch + 1} at "
-                f"learning rate {float(schedule(step)):g}; "
-                + (f"the last good checkpoint (step {last_good}) is kept" if last_good is not None
-                   else "no checkpoint was saved yet")
-                + "; lower optimizer.learning_rate or set optimizer.warmup_epochs")
+            raise diverged(f"the loss is {running['loss']} in epoch {epoch + 1}",
+                           float(schedule(step)), last_good)
           images_seen += (end - pos) * config.batch_size
           step += end - pos
           pos = end
@@ -628,12 +627,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
         sums = put(zero_metrics())
         stopping = should_stop(stop)
         if not params_finite(state.params):
-          raise TrainingDiverged(
-              f"training diverged: the parameters are not finite after epoch {epoch + 1} at "
-              f"learning rate {float(schedule(step - 1)):g}; "
-              + (f"the last good checkpoint (step {last_good}) is kept" if last_good is not None
-                 else "no checkpoint was saved yet")
-              + "; lower optimizer.learning_rate or set optimizer.warmup_epochs")
+          raise diverged(f"the parameters are not finite after epoch {epoch + 1}",
+                         float(schedule(step - 1)), last_good)
         if is_best or last_epoch or (epoch + 1) % config.checkpoint.every_epochs == 0 or \
             stopping:
           if stopping:
