@@ -92,6 +92,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)", model.dropout)
   _require(model.dtype in models.DTYPES, "model.dtype",
            f"must be one of {', '.join(models.DTYPES)}", model.dtype)
+  _require(model.strided_grad in models.STRIDED_GRADS, "model.strided_grad",
+           f"must be one of {', '.join(models.STRIDED_GRADS)}", model.strided_grad)
   _require(model.kernel_init in models.KERNEL_INITS, "model.kernel_init",
            f"must be one of {', '.join(models.KERNEL_INITS)}", model.kernel_init)
   _require(ckpt.every_epochs >= 1, "checkpoint.every_epochs", "must be >= 1", ckpt.every_epochs)

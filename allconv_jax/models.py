@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from allconv_jax import conv
 from allconv_jax.errors import UserError
 
 # Kernel sizes of each stage's convolutions; stage widths are 96 then 192.
@@ -43,6 +44,9 @@ KERNEL_INITS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "l
                 "torch_default")
 RELU_RULES = ("standard", "guided", "deconvnet")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# How strided convolutions get their input gradient: XLA's dilated convolution, or the polyphase
+# one of allconv_jax/conv.py (2.2-2.6x faster on XLA:CPU); 'auto' is polyphase on the CPU only.
+STRIDED_GRADS = ("auto", "xla", "polyphase")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,16 +179,18 @@ class Backbone(nn.Module):
   bias_init: float = 0.0
   dtype: Any = jnp.float32
   relu_rule: str = "standard"
+  polyphase_grad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     init = kernel_initializer(self.kernel_init)
+    conv_fn = conv.conv_general_dilated if self.polyphase_grad else jax.lax.conv_general_dilated
     for layer in self.layers:
       if isinstance(layer, Conv):
         x = nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
                     padding=layer.padding, kernel_init=init,
                     bias_init=nn.initializers.constant(self.bias_init), dtype=self.dtype,
-                    param_dtype=jnp.float32, name=layer.name)(x)
+                    param_dtype=jnp.float32, conv_general_dilated=conv_fn, name=layer.name)(x)
         x = relu(x, self.relu_rule)
         self.sow("intermediates", f"{layer.name}_act", x)
       elif isinstance(layer, MaxPool):
@@ -206,13 +212,14 @@ class AllConvNet(nn.Module):
   bias_init: float = 0.0
   dtype: Any = jnp.float32
   relu_rule: str = "standard"
+  polyphase_grad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     layers = layer_list(self.arch, self.width_multiplier, self.input_dropout, self.dropout)
     x = x.astype(self.dtype)
     x = Backbone(layers, self.kernel_init, self.bias_init, self.dtype, self.relu_rule,
-                 name="backbone")(x, train)
+                 self.polyphase_grad, name="backbone")(x, train)
     x = nn.Conv(self.num_classes, (1, 1), kernel_init=kernel_initializer(self.kernel_init),
                 bias_init=nn.initializers.constant(self.bias_init), dtype=self.dtype,
                 param_dtype=jnp.float32, name="classifier")(x)
@@ -228,12 +235,19 @@ def create_model(model_config: Any, num_classes: int, relu_rule: str = "standard
   if model_config.dtype not in DTYPES:
     raise UserError(f"unknown model.dtype {model_config.dtype!r}; valid: {', '.join(DTYPES)}")
   kernel_initializer(model_config.kernel_init)
+  strided_grad = model_config.get("strided_grad", "auto")
+  if strided_grad not in STRIDED_GRADS:
+    raise UserError(f"unknown model.strided_grad {strided_grad!r}; valid: "
+                    f"{', '.join(STRIDED_GRADS)}")
+  polyphase = (strided_grad == "polyphase"
+               or (strided_grad == "auto" and jax.default_backend() == "cpu"))
   return AllConvNet(arch=model_config.name, num_classes=num_classes,
                     width_multiplier=model_config.width_multiplier,
                     final_relu=model_config.final_relu,
                     input_dropout=model_config.input_dropout, dropout=model_config.dropout,
                     kernel_init=model_config.kernel_init, bias_init=model_config.bias_init,
-                    dtype=DTYPES[model_config.dtype], relu_rule=relu_rule)
+                    dtype=DTYPES[model_config.dtype], relu_rule=relu_rule,
+                    polyphase_grad=polyphase)
 
 
 def init_params(model: AllConvNet, key: jax.Array, image_size: int = 32) -> Any:

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.kernel_init = "he_normal"
   config.model.bias_init = 0.0
   config.model.dtype = "float32"
+  config.model.strided_grad = "auto"
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "tfds"

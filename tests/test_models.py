@@ -1,5 +1,6 @@
 """The 12 networks: parameter counts from the paper's layer lists, shapes, dropout, options."""
 
+import functools
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from allconv_jax import conv as conv_lib
 from allconv_jax import models
 from allconv_jax.errors import UserError
 from configs import default
@@ -199,3 +201,71 @@ def test_summary_honours_overrides_and_rejects_unknown_names():
   assert r.returncode != 0
   assert r.stderr.strip().splitlines() == [
       "error: unknown model.name 'model_d'; valid names: " + ", ".join(ALL)]
+
+
+# (input size, kernel, stride, padding): the paper's layers (3x3/2 SAME on 32 and 16, 5x5/2 and
+# 1x1/2 of the strided A and B nets) and odd cases (odd sizes, VALID, stride 3, uneven pads).
+POLYPHASE_CASES = [(32, 3, 2, "SAME"), (16, 3, 2, "SAME"), (32, 5, 2, "SAME"), (16, 1, 2, "SAME"),
+                   (15, 3, 2, "SAME"), (9, 3, 2, "VALID"), (11, 5, 2, "VALID"),
+                   (13, 3, 3, "SAME"), (10, 3, 2, ((2, 0), (0, 3)))]
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding", POLYPHASE_CASES)
+def test_polyphase_gradients_equal_autodiff(size, kernel, stride, padding):
+  dn = ("NHWC", "HWIO", "NHWC")
+  keys = jax.random.split(jax.random.key(size * kernel + stride), 3)
+  x = jax.random.normal(keys[0], (2, size, size, 3))
+  w = jax.random.normal(keys[1], (kernel, kernel, 3, 4))
+
+  def ref(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+
+  def ours(x, w):
+    return conv_lib.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+
+  y = ref(x, w)
+  np.testing.assert_array_equal(ours(x, w), y)
+  g = jax.random.normal(keys[2], y.shape)
+  want = jax.grad(lambda x, w: jnp.vdot(ref(x, w), g), (0, 1))(x, w)
+  got = jax.grad(lambda x, w: jnp.vdot(ours(x, w), g), (0, 1))(x, w)
+  assert "custom_vjp" in str(jax.make_jaxpr(ours)(x, w))
+  for a, b in zip(got, want, strict=True):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_polyphase_leaves_unstrided_convolutions_to_lax():
+  x, w = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 2))
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv_lib.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, w))
+  assert "custom_vjp" not in jaxpr and "conv_general_dilated" in jaxpr
+
+
+@pytest.mark.parametrize("name", ["strided_cnn_a", "strided_cnn_b", "all_cnn_c"])
+def test_polyphase_network_gradients_equal_xla(name):
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  fast = make(name, width_multiplier=0.125, polyphase_grad=True)
+  plain = make(name, width_multiplier=0.125, polyphase_grad=False)
+  params = models.init_params(plain, jax.random.key(1))
+
+  def loss(model, params, x):
+    return jnp.sum(model.apply({"params": params}, x) ** 2)
+
+  want = jax.grad(functools.partial(loss, plain), (0, 1))(params, x)
+  got = jax.grad(functools.partial(loss, fast), (0, 1))(params, x)
+  assert "custom_vjp" in str(jax.make_jaxpr(functools.partial(loss, fast))(params, x))
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_strided_grad_setting():
+  config = default.get_config()
+  assert config.model.strided_grad == "auto"
+  on_cpu = jax.default_backend() == "cpu"
+  assert models.create_model(config.model, 10).polyphase_grad == on_cpu
+  for setting, polyphase in (("xla", False), ("polyphase", True)):
+    config.model.strided_grad = setting
+    assert models.create_model(config.model, 10).polyphase_grad is polyphase
+  config.model.strided_grad = "fast"
+  with pytest.raises(UserError, match="unknown model.strided_grad 'fast'"):
+    models.create_model(config.model, 10)

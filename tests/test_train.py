@@ -170,6 +170,7 @@ def test_freeze_masks_updates_decay_and_momentum_buffers():
     ("--config.model.nope=1", "unknown config key 'model.nope'"),
     ("--config.num_epochs=ten", "--config.num_epochs=ten"),
     ("--config.data.source=ftp", "data.source"),
+    ("--config.model.strided_grad=fast", "'model.strided_grad' must be one of auto, xla"),
 ])
 def test_bad_config_is_one_line_before_any_compute(tmp_path, flag, message):
   r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path / 'w'}", flag)
