@@ -3,6 +3,8 @@
   python main.py --config=configs/all_cnn_c.py --workdir=/tmp/allconv/all_cnn_c \
       --config.optimizer.learning_rate=0.05
   python main.py --config=configs/all_cnn_c.py --summary
+  python main.py --config=configs/all_cnn_c.py --workdir=/shared/run --distributed \
+      --coordinator_address=host0:1234 --num_processes=2 --process_id=0   # and =1 on host1
 """
 
 import sys
@@ -19,6 +21,12 @@ flags.DEFINE_bool("summary", False, "Print the network's layer table and paramet
                   "exit (no data, no training).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process "
                   "per host, launched by your cluster tooling).")
+flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0 "
+                    "(default: detected from the cluster environment).")
+flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes.",
+                     lower_bound=1)
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 first.",
+                     lower_bound=0)
 
 
 def main(argv: list[str]) -> None:
@@ -37,9 +45,12 @@ def main(argv: list[str]) -> None:
       return
     if not FLAGS.workdir:
       cli.fail("--workdir is required (or --summary)")
+    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if any(v is not None for v in explicit) and not FLAGS.distributed:
+      cli.fail("--coordinator_address, --num_processes and --process_id need --distributed")
     if FLAGS.distributed:
       import jax
-      jax.distributed.initialize()
+      jax.distributed.initialize(*explicit)
     train.train_and_evaluate(config, FLAGS.workdir)
   except UserError as e:
     cli.fail(str(e))

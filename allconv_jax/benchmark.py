@@ -76,8 +76,6 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0)
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
   from allconv_jax import config_lib, input_pipeline, models, train
   from allconv_jax.errors import UserError
@@ -101,9 +99,9 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0)
   spe = max(1, 50000 // batch)
   tx = train.make_optimizer(config.optimizer, spe, params)
   fns = train.make_steps(model, tx, mesh, config, pool, spe)
-  put = lambda tree: jax.device_put(tree, NamedSharding(mesh, P()))  # noqa: E731
-  state = put(train.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params)))
-  sums = put(train.zero_metrics())
+  state = train.replicate_tree(
+      train.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params)), mesh)
+  sums = train.replicate_tree(train.zero_metrics(), mesh)
   train_key = jax.random.fold_in(key, 2)
 
   device = jax.devices()[0]

@@ -266,6 +266,15 @@ def replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda idx: x[idx])
 
 
+def replicate_tree(tree: Any, mesh: Mesh) -> Any:
+  """`replicate` for every leaf of a tree of host or single-device arrays.
+
+  Through host memory on purpose: with several processes, `jax.device_put` of a single-device
+  jax array onto a mesh that spans processes gives a broken array (seen with jax 0.10.2).
+  """
+  return jax.tree_util.tree_map(lambda x: replicate(np.asarray(x), mesh), tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
   """An evaluation split padded and cut into batches: (num_batches, batch, ...) plus a mask."""
@@ -534,7 +543,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   ckpts = checkpointing.Checkpoints(workdir, config.checkpoint.keep)
   if source is not None and not ckpts.steps():
     params = transfer.initial_params(source, config, params)
-  put = functools.partial(jax.device_put, device=NamedSharding(mesh, P()))
+  put = functools.partial(replicate_tree, mesh=mesh)
   state = put(TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params)))
   sums = put(zero_metrics())
   restored = ckpts.restore_newest({"state": state, "sums": sums})

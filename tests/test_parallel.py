@@ -1,4 +1,5 @@
-"""Data parallelism: a tiny run over 4 (forced host) CPU devices matches the same run on 1 device.
+"""Data parallelism: a tiny run over 4 (forced host) CPU devices, or over two processes joined by
+jax.distributed, matches the same run on 1 device.
 
 The device count is fixed when jax starts, so each run is its own Python process with
 XLA_FLAGS=--xla_force_host_platform_device_count=N.
@@ -8,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from allconv_jax import train
+from tests.helpers import ROOT, run_main, tiny_flags
 
 TIMING = ("images_per_sec", "elapsed_sec")
 RESULT_KEYS = ("test_loss", "test_accuracy", "final_val_accuracy", "best_val_accuracy",
@@ -93,3 +96,58 @@ def test_four_devices_were_used(runs: dict[str, dict]) -> None:
 def test_same_metrics_on_one_and_four_devices(runs: dict[str, dict], name: str) -> None:
   """Data parallelism changes no number (beyond float rounding), looped or scanned."""
   assert_same_run(runs["1 loop"], runs[name])
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_two_processes(workdir: str, *flags: str) -> None:
+  """main.py as two processes (one CPU device each) joined by jax.distributed on this host."""
+  port = free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/all_cnn_c.py",
+       f"--workdir={workdir}", *tiny_flags(), *flags, "--distributed",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in (0, 1)]
+  try:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, out in zip(procs, outs, strict=True):
+    assert p.returncode == 0, out[-3000:]
+
+
+def read_run(workdir: str) -> dict:
+  records = [{k: v for k, v in r.items() if k not in TIMING}
+             for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+  with open(os.path.join(workdir, "results.json")) as f:
+    return {"records": records, "results": json.load(f)}
+
+
+def test_two_processes_match_one_device_and_resume(runs: dict[str, dict], tmp_path) -> None:
+  """Multi-host through jax.distributed (two processes here): same numbers, and it resumes."""
+  workdir = str(tmp_path / "two")
+  run_two_processes(workdir)
+  two = read_run(workdir)
+  assert two["results"]["devices"].startswith("2 x ")
+  assert_same_run(runs["1 loop"], two)
+  run_two_processes(workdir, "--config.num_epochs=3")  # resumes from epoch 2's checkpoint
+  three = read_run(workdir)
+  assert [r["epoch"] for r in three["records"]] == [1, 2, 3]
+  assert three["records"][:2] == two["records"]
+  assert three["results"]["epochs"] == 3
+
+
+def test_process_flags_need_distributed(tmp_path) -> None:
+  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path / 'w'}", "--num_processes=2")
+  assert r.returncode != 0
+  assert r.stderr.strip() == ("error: --coordinator_address, --num_processes and --process_id "
+                              "need --distributed")
+  assert not (tmp_path / "w").exists()
