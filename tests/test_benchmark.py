@@ -38,6 +38,7 @@ def test_benchmark_cli(dtype: str) -> None:
   proc = run_benchmark(*TINY, f"--config.model.dtype={dtype}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f", {dtype}, batch 16," in proc.stdout
+  assert "strided input gradient polyphase, on 1 x cpu" in proc.stdout  # auto on the CPU
   assert "peak fraction: n/a on cpu" in proc.stdout
   assert check_output(proc.stdout) > 0
 
