@@ -39,7 +39,7 @@ def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Sequence[t
                                   precision=precision)
 
 
-def _pad(x: jax.Array, low_h: int, high_h: int, low_w: int, high_w: int) -> jax.Array:
+def _crop_negative(x: jax.Array, low_h: int, high_h: int, low_w: int, high_w: int) -> jax.Array:
   """Crops x where a pad is negative (the convolution itself pads where it is positive)."""
   return x[:, max(-low_h, 0):x.shape[1] - max(-high_h, 0),
            max(-low_w, 0):x.shape[2] - max(-high_w, 0)]
@@ -65,7 +65,7 @@ def polyphase_input_grad(g: jax.Array, w: jax.Array, strides: tuple[int, int], p
       low_h, low_w = c_h + len(taps_h) - 1, c_w + len(taps_w) - 1
       high_h = th + len(taps_h) - 2 - low_h - (oh - 1)
       high_w = tw + len(taps_w) - 2 - low_w - (ow - 1)
-      cols.append(_conv(_pad(g, low_h, high_h, low_w, high_w), kernel, (1, 1),
+      cols.append(_conv(_crop_negative(g, low_h, high_h, low_w, high_w), kernel, (1, 1),
                         tuple((max(lo, 0), max(hi, 0)) for lo, hi in
                               ((low_h, high_h), (low_w, high_w))), precision))
     rows.append(jnp.stack(cols, axis=3))  # (n, th, tw, sw, c)
