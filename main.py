@@ -9,7 +9,7 @@
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from allconv_jax import cli
@@ -30,30 +30,26 @@ flags.DEFINE_integer("process_id", None, "With --distributed: this process's ind
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.start(argv[1:])
   from allconv_jax import config_lib, input_pipeline, models, train
-  from allconv_jax.errors import UserError
 
-  logging.set_verbosity(logging.WARNING)
   config = cli.load_config(FLAGS.config)
   try:
-    if FLAGS.summary:
-      config_lib.validate(config)
-      model = models.create_model(config.model, input_pipeline.num_classes(config.data))
-      print(models.summary(model))
-      return
-    if not FLAGS.workdir:
-      cli.fail("--workdir is required (or --summary)")
-    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if any(v is not None for v in explicit) and not FLAGS.distributed:
-      cli.fail("--coordinator_address, --num_processes and --process_id need --distributed")
-    if FLAGS.distributed:
-      import jax
-      jax.distributed.initialize(*explicit)
-    train.train_and_evaluate(config, FLAGS.workdir)
-  except UserError as e:
-    cli.fail(str(e))
+    with cli.user_errors():
+      if FLAGS.summary:
+        config_lib.validate(config)
+        model = models.create_model(config.model, input_pipeline.num_classes(config.data))
+        print(models.summary(model))
+        return
+      if not FLAGS.workdir:
+        cli.fail("--workdir is required (or --summary)")
+      explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+      if any(v is not None for v in explicit) and not FLAGS.distributed:
+        cli.fail("--coordinator_address, --num_processes and --process_id need --distributed")
+      if FLAGS.distributed:
+        import jax
+        jax.distributed.initialize(*explicit)
+      train.train_and_evaluate(config, FLAGS.workdir)
   except train.Interrupted as e:
     print(f"interrupted: {e}", file=sys.stderr, flush=True)
     sys.exit(130)
@@ -61,7 +57,6 @@ def main(argv: list[str]) -> None:
     print("interrupted before training started or after it ended; run the same command again "
           "to resume", file=sys.stderr, flush=True)
     sys.exit(130)
-
 
 if __name__ == "__main__":
   app.run(main, flags_parser=cli.parse_config_flags)

@@ -18,7 +18,7 @@ import statistics
 import time
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from allconv_jax import cli
@@ -156,16 +156,10 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0)
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  from allconv_jax.errors import UserError
-
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv[1:])
   config = cli.load_config(FLAGS.config)
-  try:
+  with cli.user_errors():
     benchmark(config, FLAGS.steps, FLAGS.warmup, FLAGS.repeats, FLAGS.seed)
-  except UserError as e:
-    cli.fail(str(e))
 
 
 if __name__ == "__main__":

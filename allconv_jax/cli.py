@@ -5,16 +5,34 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
-from absl import flags
+from absl import flags, logging
+
+from allconv_jax.errors import UserError
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
   """Prints `error: message` on stderr and exits with `code`."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)
+
+
+def start(extra_args: Sequence[str]) -> None:
+  """Every tool's start: stray positional arguments are an error; absl logs warnings only."""
+  if extra_args:
+    fail(f"unexpected arguments: {' '.join(extra_args)}")
+  logging.set_verbosity(logging.WARNING)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+  """A UserError raised inside becomes one `error:` line and exit status 2."""
+  try:
+    yield
+  except UserError as e:
+    fail(str(e))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

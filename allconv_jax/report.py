@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
-from absl import app, flags, logging
+from absl import app, flags
 
 from allconv_jax import cli, paper
 from allconv_jax.errors import UserError
@@ -254,11 +254,9 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv[1:])
   fl = flags.FLAGS
-  try:
+  with cli.user_errors():
     if bool(fl.workdirs) == bool(fl.root):
       raise UserError("give either --workdirs=DIR1,DIR2,... or --root=DIR")
     if not fl.out:
@@ -268,8 +266,6 @@ def main(argv: list[str]) -> None:
       raise UserError("--workdirs lists a folder twice")
     runs = load_runs(workdirs, fl.root)
     path = write_report(runs, fl.out)
-  except UserError as e:
-    cli.fail(str(e))
   print(f"{len(runs)} run(s): {path}, {COMPARISON_PNG} and {len(runs)} run plot(s) in {fl.out}")
 
 

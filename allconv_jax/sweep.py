@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 
 from allconv_jax import cli
 from allconv_jax.errors import UserError
@@ -418,19 +418,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
   rest, overrides = split_overrides(argv[1:])
-  if rest:
-    cli.fail(f"unexpected arguments: {' '.join(rest)}")
-  logging.set_verbosity(logging.WARNING)
+  cli.start(rest)
   fl = flags.FLAGS
   try:
-    if not fl.configs:
-      raise UserError("--configs is required, e.g. --configs=configs/model_a.py,"
-                      "configs/all_cnn_c.py")
-    if not fl.root:
-      raise UserError("--root is required (the folder for the sweep's runs)")
-    summary = run_sweep(fl.configs, parse_rates(fl.learning_rates), fl.root, overrides)
-  except UserError as e:
-    cli.fail(str(e))
+    with cli.user_errors():
+      if not fl.configs:
+        raise UserError("--configs is required, e.g. --configs=configs/model_a.py,"
+                        "configs/all_cnn_c.py")
+      if not fl.root:
+        raise UserError("--root is required (the folder for the sweep's runs)")
+      summary = run_sweep(fl.configs, parse_rates(fl.learning_rates), fl.root, overrides)
   except Interrupted as e:
     print(f"interrupted: {e}", file=sys.stderr, flush=True)
     sys.exit(130)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from allconv_jax import cli, input_pipeline, models, train
 from allconv_jax.errors import UserError
@@ -256,19 +256,15 @@ def parse_units(values: Sequence[str] | None) -> tuple[int, ...]:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv[1:])
   fl = flags.FLAGS
-  try:
+  with cli.user_errors():
     if not fl.workdir:
       raise UserError("--workdir is required (a trained run's folder)")
     if not fl.out:
       raise UserError("--out is required (the folder for the PNG grids)")
     written = visualize(fl.workdir, fl.out, fl.checkpoint, fl.num_images, fl.layer,
                         parse_units(fl.units), fl.unit_objective)
-  except UserError as e:
-    cli.fail(str(e))
   for path in written:
     print(path)
 
