@@ -15,6 +15,7 @@ from configs import default
 # Keys whose change would invalidate a run that already has checkpoints.
 RUN_DEFINING_KEYS = (
     "seed", "batch_size", "model.name", "model.width_multiplier", "model.final_relu",
+    "model.use_bias", "model.padding",
     "data.dataset", "data.label_type", "data.subset", "data.classes", "data.validation_size",
     "data.max_train_examples", "data.preprocessing", "data.gcn_scale", "data.zca_epsilon",
     "transfer.source", "optimizer.freeze", "optimizer.momentum",
@@ -63,6 +64,22 @@ def _require(ok: bool, key: str, what: str, value: Any) -> None:
     raise UserError(f"config key {key!r} {what}, got {value!r}")
 
 
+def _check_rates(opt: ml_collections.ConfigDict) -> None:
+  """optimizer.learning_rates, when set, is one rate per segment and starts at learning_rate."""
+  rates = list(opt.learning_rates)
+  if not rates:
+    return
+  _require(all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates),
+           "optimizer.learning_rates", "must be positive numbers", opt.learning_rates)
+  _require(len(rates) == len(opt.boundaries) + 1, "optimizer.learning_rates",
+           f"must hold one rate per segment ({len(opt.boundaries) + 1} for boundaries "
+           f"{tuple(opt.boundaries)})", opt.learning_rates)
+  if rates[0] != opt.learning_rate:
+    raise UserError(f"optimizer.learning_rate ({opt.learning_rate:g}) is not the first of "
+                    f"optimizer.learning_rates {tuple(rates)}: set the whole list, or "
+                    "--config.optimizer.learning_rates='()' to use learning_rate x decay_factor")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """All config checks: keys, types, ranges, names (no I/O beyond reading the config)."""
   check_keys_and_types(config)
@@ -80,10 +97,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(opt.warmup_epochs >= 0, "optimizer.warmup_epochs", "must be >= 0",
            opt.warmup_epochs)
   bounds = list(opt.boundaries)
-  _require(all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bounds),
-           "optimizer.boundaries", "must be positive whole epochs", opt.boundaries)
+  _require(all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0
+               for b in bounds), "optimizer.boundaries", "must be positive epochs", opt.boundaries)
   _require(all(a < b for a, b in zip(bounds, bounds[1:], strict=False)), "optimizer.boundaries",
            "must be strictly increasing", opt.boundaries)
+  _check_rates(opt)
   models.check_model_name(model.name)
   _require(model.width_multiplier > 0, "model.width_multiplier", "must be > 0",
            model.width_multiplier)
@@ -96,6 +114,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"must be one of {', '.join(models.STRIDED_GRADS)}", model.strided_grad)
   _require(model.kernel_init in models.KERNEL_INITS, "model.kernel_init",
            f"must be one of {', '.join(models.KERNEL_INITS)}", model.kernel_init)
+  _require(model.init_std > 0, "model.init_std", "must be > 0", model.init_std)
+  _require(model.padding in models.PADDINGS, "model.padding",
+           f"must be one of {', '.join(models.PADDINGS)}", model.padding)
   _require(ckpt.every_epochs >= 1, "checkpoint.every_epochs", "must be >= 1", ckpt.every_epochs)
   _require(ckpt.keep >= 1, "checkpoint.keep", "must be >= 1", ckpt.keep)
   _require(config.transfer.checkpoint in ("latest", "best"), "transfer.checkpoint",

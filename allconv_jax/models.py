@@ -41,7 +41,11 @@ HEAD_WIDTH = 192
 VARIANTS = ("model", "strided_cnn", "convpool_cnn", "all_cnn")
 MODEL_NAMES = tuple(f"{v}_{b}" for b in BASE_STAGES for v in VARIANTS)
 KERNEL_INITS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "lecun_normal",
-                "torch_default")
+                "caffe_xavier", "gaussian", "torch_default")
+# Where a strided convolution's padding goes: (k-1)/2 on every side as Caffe and PyTorch pad
+# (windows start at pixel -1 for a 3x3), or TF/Keras "SAME" (windows start at pixel 0, the odd
+# pixel of padding after the image). Stride-1 convolutions with odd kernels pad alike in both.
+PADDINGS = ("symmetric", "tf_same")
 RELU_RULES = ("standard", "guided", "deconvnet")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # How strided convolutions get their input gradient: XLA's dilated convolution, or the polyphase
@@ -51,12 +55,20 @@ STRIDED_GRADS = ("auto", "xla", "polyphase")
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
-  """A convolution followed by a ReLU."""
+  """A convolution followed by a ReLU ('SAME': keeps the size at stride 1; 'VALID': no pad)."""
   name: str
   features: int
   kernel: int
   stride: int = 1
   padding: str = "SAME"
+
+
+def conv_padding(layer: Conv, convention: str) -> str | tuple[tuple[int, int], tuple[int, int]]:
+  """The padding Flax gets for `layer` under a padding convention (see PADDINGS)."""
+  if layer.padding == "VALID" or convention == "tf_same":
+    return layer.padding
+  pad = (layer.kernel - 1) // 2
+  return ((pad, pad), (pad, pad))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +122,21 @@ def layer_list(name: str, width_multiplier: float = 1.0, input_dropout: float = 
   return tuple(layers)
 
 
-def kernel_initializer(name: str) -> Callable[..., jax.Array]:
-  """Weight initializers by name ('he_normal' is He et al.'s untruncated normal)."""
+def kernel_initializer(name: str, std: float = 0.05) -> Callable[..., jax.Array]:
+  """Weight initializers by name ('he_normal' is He et al.'s untruncated normal).
+
+  'caffe_xavier' is Caffe's "xavier" filler with its default variance_norm FAN_IN: uniform on
+  +-sqrt(3 / fan_in), variance 1 / fan_in (fan_in = kernel height x width x input channels).
+  'gaussian' is a zero-mean normal with standard deviation `std` (neon's Gaussian(scale=0.05)).
+  """
   inits = {
       "he_normal": nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
       "he_uniform": nn.initializers.variance_scaling(2.0, "fan_in", "uniform"),
       "glorot_normal": nn.initializers.variance_scaling(1.0, "fan_avg", "normal"),
       "glorot_uniform": nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
       "lecun_normal": nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
+      "caffe_xavier": nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
+      "gaussian": nn.initializers.normal(stddev=std),
       # PyTorch's Conv2d default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
       "torch_default": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
   }
@@ -172,25 +191,38 @@ def relu(x: jax.Array, rule: str = "standard") -> jax.Array:
   raise ValueError(f"unknown relu rule {rule!r}; valid: {RELU_RULES}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvOptions:
+  """How every convolution of a network is built: init, biases, padding, dtype, gradient."""
+  kernel_init: str = "he_normal"
+  init_std: float = 0.05  # for kernel_init='gaussian'
+  use_bias: bool = True
+  bias_init: float = 0.0
+  padding: str = "symmetric"  # see PADDINGS
+  dtype: Any = jnp.float32
+  polyphase_grad: bool = False  # the input gradient of strided convs from allconv_jax/conv.py
+
+  def make(self, layer: Conv) -> nn.Conv:
+    """The Flax convolution of `layer` (parameters float32, compute in `dtype`)."""
+    conv_fn = conv.conv_general_dilated if self.polyphase_grad else jax.lax.conv_general_dilated
+    return nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
+                   padding=conv_padding(layer, self.padding), use_bias=self.use_bias,
+                   kernel_init=kernel_initializer(self.kernel_init, self.init_std),
+                   bias_init=nn.initializers.constant(self.bias_init), dtype=self.dtype,
+                   param_dtype=jnp.float32, conv_general_dilated=conv_fn, name=layer.name)
+
+
 class Backbone(nn.Module):
   """Runs a layer list; each conv's ReLU output is sown into 'intermediates' as '<name>_act'."""
   layers: tuple[Layer, ...]
-  kernel_init: str = "he_normal"
-  bias_init: float = 0.0
-  dtype: Any = jnp.float32
+  options: ConvOptions = ConvOptions()
   relu_rule: str = "standard"
-  polyphase_grad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    init = kernel_initializer(self.kernel_init)
-    conv_fn = conv.conv_general_dilated if self.polyphase_grad else jax.lax.conv_general_dilated
     for layer in self.layers:
       if isinstance(layer, Conv):
-        x = nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
-                    padding=layer.padding, kernel_init=init,
-                    bias_init=nn.initializers.constant(self.bias_init), dtype=self.dtype,
-                    param_dtype=jnp.float32, conv_general_dilated=conv_fn, name=layer.name)(x)
+        x = self.options.make(layer)(x)
         x = relu(x, self.relu_rule)
         self.sow("intermediates", f"{layer.name}_act", x)
       elif isinstance(layer, MaxPool):
@@ -208,21 +240,15 @@ class AllConvNet(nn.Module):
   final_relu: bool = True
   input_dropout: float = 0.2
   dropout: float = 0.5
-  kernel_init: str = "he_normal"
-  bias_init: float = 0.0
-  dtype: Any = jnp.float32
+  options: ConvOptions = ConvOptions()
   relu_rule: str = "standard"
-  polyphase_grad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     layers = layer_list(self.arch, self.width_multiplier, self.input_dropout, self.dropout)
-    x = x.astype(self.dtype)
-    x = Backbone(layers, self.kernel_init, self.bias_init, self.dtype, self.relu_rule,
-                 self.polyphase_grad, name="backbone")(x, train)
-    x = nn.Conv(self.num_classes, (1, 1), kernel_init=kernel_initializer(self.kernel_init),
-                bias_init=nn.initializers.constant(self.bias_init), dtype=self.dtype,
-                param_dtype=jnp.float32, name="classifier")(x)
+    x = x.astype(self.options.dtype)
+    x = Backbone(layers, self.options, self.relu_rule, name="backbone")(x, train)
+    x = self.options.make(Conv("classifier", self.num_classes, 1))(x)
     if self.final_relu:
       x = relu(x, self.relu_rule)
     self.sow("intermediates", "classifier_act", x)
@@ -235,25 +261,41 @@ def create_model(model_config: Any, num_classes: int, relu_rule: str = "standard
   if model_config.dtype not in DTYPES:
     raise UserError(f"unknown model.dtype {model_config.dtype!r}; valid: {', '.join(DTYPES)}")
   kernel_initializer(model_config.kernel_init)
+  if model_config.padding not in PADDINGS:
+    raise UserError(f"unknown model.padding {model_config.padding!r}; valid: "
+                    f"{', '.join(PADDINGS)}")
   strided_grad = model_config.get("strided_grad", "auto")
   if strided_grad not in STRIDED_GRADS:
     raise UserError(f"unknown model.strided_grad {strided_grad!r}; valid: "
                     f"{', '.join(STRIDED_GRADS)}")
   polyphase = (strided_grad == "polyphase"
                or (strided_grad == "auto" and jax.default_backend() == "cpu"))
+  options = ConvOptions(kernel_init=model_config.kernel_init, init_std=model_config.init_std,
+                        use_bias=model_config.use_bias, bias_init=model_config.bias_init,
+                        padding=model_config.padding, dtype=DTYPES[model_config.dtype],
+                        polyphase_grad=polyphase)
   return AllConvNet(arch=model_config.name, num_classes=num_classes,
                     width_multiplier=model_config.width_multiplier,
                     final_relu=model_config.final_relu,
                     input_dropout=model_config.input_dropout, dropout=model_config.dropout,
-                    kernel_init=model_config.kernel_init, bias_init=model_config.bias_init,
-                    dtype=DTYPES[model_config.dtype], relu_rule=relu_rule,
-                    polyphase_grad=polyphase)
+                    options=options, relu_rule=relu_rule)
 
 
 def init_params(model: AllConvNet, key: jax.Array, image_size: int = 32) -> Any:
   """Initial parameters for 32x32x3 inputs (one jitted computation, not op by op)."""
   x = jnp.zeros((1, image_size, image_size, 3))
   return jax.jit(lambda k: model.init({"params": k}, x, train=False)["params"])(key)
+
+
+def dead_relu_fractions(model: AllConvNet, params: Any, images: jax.Array) -> dict[str, float]:
+  """Per ReLU layer, the fraction of its channels that output zero on every one of `images`."""
+  _, state = model.apply({"params": params}, images, train=False, mutable=["intermediates"])
+  acts = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+  out = {}
+  for path, act in acts:
+    name = str(getattr(path[-2], "key", path[-2])).removesuffix("_act")
+    out[name] = float(jnp.mean(jnp.max(act, axis=(0, 1, 2)) <= 0))
+  return out
 
 
 def count_params(params: Any) -> int:

@@ -65,11 +65,22 @@ class TrainState(struct.PyTreeNode):
 # ----------------------------------------------------------------------------- optimizer
 
 
+def segment_rates(opt: ml_collections.ConfigDict) -> list[float]:
+  """The rate of each segment between boundaries: `learning_rates`, or the base rate decayed."""
+  if opt.learning_rates:
+    return [float(r) for r in opt.learning_rates]
+  return [opt.learning_rate * opt.decay_factor ** i for i in range(len(opt.boundaries) + 1)]
+
+
 def make_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """Base rate x decay_factor after each boundary epoch (counted in steps), after a warm-up."""
+  """A constant rate per segment, changing at each boundary epoch (counted in steps, rounded;
+  fractional epochs allowed), after an optional linear warm-up."""
+  rates = segment_rates(opt)
+  scales = ([new / old for old, new in zip(rates, rates[1:], strict=False)]
+            if opt.learning_rates else [opt.decay_factor] * len(opt.boundaries))
   schedule = optax.piecewise_constant_schedule(
-      opt.learning_rate,
-      {int(b) * steps_per_epoch: opt.decay_factor for b in opt.boundaries})
+      rates[0], {int(round(b * steps_per_epoch)): scale
+                 for b, scale in zip(opt.boundaries, scales, strict=True)})
   warmup_steps = int(round(opt.warmup_epochs * steps_per_epoch))
   if warmup_steps == 0:
     return schedule
@@ -296,6 +307,12 @@ def make_eval_set(images: np.ndarray, labels: np.ndarray, batch: int, mesh: Mesh
   return EvalSet(replicate(imgs.reshape(nb, batch, *images.shape[1:]), mesh),
                  replicate(labs.reshape(nb, batch), mesh), replicate(mask.reshape(nb, batch),
                                                                      mesh), n)
+
+
+def dead_relus(model: models.AllConvNet, params: Any, data: EvalSet) -> dict[str, float]:
+  """Per ReLU layer, the fraction of channels silent on every image of `data`'s first batch."""
+  n = min(data.size, data.images.shape[1])
+  return models.dead_relu_fractions(model, params, data.images[0][:n])
 
 
 @jax.jit
@@ -626,9 +643,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
         if (not warned_dead and epoch >= 1 and abs(train["loss"] - math.log(k)) < 1e-3
             and train["logit_abs"] < 1e-4):
           warned_dead = True
+          dead = dead_relus(model, state.params, val if val.size else test)
           log(f"warning: the network looks dead (loss {train['loss']:.4f} = ln({k}) with "
               "zero logits for a whole epoch): known remedies are a lower "
-              "optimizer.learning_rate, optimizer.warmup_epochs, or model.final_relu=False")
+              "optimizer.learning_rate, optimizer.warmup_epochs, or model.final_relu=False; "
+              "dead ReLU channels per layer: "
+              + ", ".join(f"{n} {f:.0%}" for n, f in dead.items()))
         is_best = v is not None and v["accuracy"] > best_acc
         if is_best:
           best_acc = v["accuracy"]
@@ -672,7 +692,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       "best_epoch": best_rec["epoch"] if best_rec else None,
       "wall_time_sec": records[-1]["elapsed_sec"] if records else 0.0,
       "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
-      "transfer_source": source.workdir if source else None, "config": config_lib.to_json(config),
+      "transfer_source": source.workdir if source else None,
+      "dead_relu_fraction": dead_relus(model, state.params, val if val.size else test),
+      "config": config_lib.to_json(config),
   }
   ckpts.close()
   if jax.process_index() == 0:

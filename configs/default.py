@@ -29,7 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.input_dropout = 0.2
   config.model.dropout = 0.5
   config.model.kernel_init = "he_normal"
+  config.model.init_std = 0.05
+  config.model.use_bias = True
   config.model.bias_init = 0.0
+  config.model.padding = "symmetric"
   config.model.dtype = "float32"
   config.model.strided_grad = "auto"
 
@@ -51,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 0.01
+  config.optimizer.learning_rates = ()
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 0.001
   config.optimizer.boundaries = (200, 250, 300)

@@ -1,5 +1,6 @@
 """The 12 networks: parameter counts from the paper's layer lists, shapes, dropout, options."""
 
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -37,8 +38,13 @@ def expected_params(name: str, classes: int) -> int:
 ALL = [f"{v}_{b}" for b in "abc" for v in ("model", "strided_cnn", "convpool_cnn", "all_cnn")]
 
 
+OPTION_FIELDS = {f.name for f in dataclasses.fields(models.ConvOptions)}
+
+
 def make(name: str = "all_cnn_c", classes: int = 10, **kw) -> models.AllConvNet:
-  return models.AllConvNet(arch=name, num_classes=classes, **kw)
+  """A network; keywords that name ConvOptions fields (dtype, kernel_init, ...) go there."""
+  options = models.ConvOptions(**{k: kw.pop(k) for k in list(kw) if k in OPTION_FIELDS})
+  return models.AllConvNet(arch=name, num_classes=classes, options=options, **kw)
 
 
 def shapes(model: models.AllConvNet):
@@ -262,10 +268,10 @@ def test_strided_grad_setting():
   config = default.get_config()
   assert config.model.strided_grad == "auto"
   on_cpu = jax.default_backend() == "cpu"
-  assert models.create_model(config.model, 10).polyphase_grad == on_cpu
+  assert models.create_model(config.model, 10).options.polyphase_grad == on_cpu
   for setting, polyphase in (("xla", False), ("polyphase", True)):
     config.model.strided_grad = setting
-    assert models.create_model(config.model, 10).polyphase_grad is polyphase
+    assert models.create_model(config.model, 10).options.polyphase_grad is polyphase
   config.model.strided_grad = "fast"
   with pytest.raises(UserError, match="unknown model.strided_grad 'fast'"):
     models.create_model(config.model, 10)

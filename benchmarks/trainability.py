@@ -1,0 +1,101 @@
+"""Which learning rates train All-CNN-C, by initialization and biases (the fidelity issue's map).
+
+  python benchmarks/trainability.py --root=/tmp/allconv/trainability --width=0.25 \
+      --inits=he_normal,caffe_xavier,gaussian --biases=on,off \
+      --learning_rates=0.25,0.1,0.05,0.01 -- --config.data.source=local \
+      --config.data.dir=/tmp/cifar --config.num_epochs=4 --config.data.max_train_examples=10000
+
+Each (init, biases) pair is one `python -m allconv_jax.sweep` over the rates, in
+ROOT/w<width>/<init>_bias-<on|off>/ (finished points are skipped, so the command resumes). Then
+ROOT/w<width>/trainability.md gets one row per point: validation accuracy per epoch, test
+accuracy, and a verdict: 'dead' (the last epoch's training loss is ln(10) with zero logits),
+'diverged' (the run stopped on a non-finite loss), 'learns' (the last validation accuracy is at
+least 5 points over chance) or 'stalled'. Dead runs list their layers' fractions of dead ReLU
+channels (results.json 'dead_relu_fraction').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def verdict(workdir: str, records: list[dict], results: dict | None, classes: int = 10) -> str:
+  """'dead', 'diverged', 'learns', 'stalled' or 'unfinished' from a run's files."""
+  if results is None:
+    log = os.path.join(workdir, "sweep.log")
+    diverged = os.path.exists(log) and "training diverged" in open(log).read()
+    return "diverged" if diverged else "unfinished"
+  last = records[-1] if records else {}
+  if abs(last.get("train_loss", 0.0) - math.log(classes)) < 1e-3:
+    return "dead"
+  acc = last.get("val_accuracy") or 0.0
+  return "learns" if acc >= 1.0 / classes + 0.05 else "stalled"
+
+
+def row(setting: str, workdir: str, rate: str) -> str:
+  """One markdown row for the point in `workdir`."""
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  path = os.path.join(workdir, "results.json")
+  results = json.load(open(path)) if os.path.exists(path) else None
+  if not records and results is None and not os.path.exists(workdir):
+    return f"| {setting} | {rate} | (not run) | | | |"
+  state = verdict(workdir, records, results)
+  vals = " / ".join(f"{100 * r['val_accuracy']:.1f}" for r in records if r.get("val_accuracy")
+                    is not None)
+  test = f"{100 * results['test_accuracy']:.2f}" if results else "-"
+  dead = ""
+  if results and state in ("dead", "stalled"):
+    dead = ", ".join(f"{k} {100 * v:.0f}%" for k, v in results["dead_relu_fraction"].items())
+  secs = f"{results['wall_time_sec']:.0f}" if results else "-"
+  return f"| {setting} | {rate} | {vals} | {test} | {state} | {secs} | {dead} |"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--root", required=True)
+  parser.add_argument("--width", default="0.25")
+  parser.add_argument("--inits", default="he_normal,caffe_xavier,gaussian")
+  parser.add_argument("--biases", default="on,off")
+  parser.add_argument("--learning_rates", default="0.25,0.1,0.05,0.01")
+  parser.add_argument("--table_only", action="store_true")
+  args, overrides = parser.parse_known_args()
+  overrides = [o for o in overrides if o != "--"]
+  base = os.path.join(os.path.abspath(args.root), f"w{args.width}")
+  rates = args.learning_rates.split(",")
+  lines = ["| init, biases | lr | val. accuracy per epoch (%) | test (%) | verdict | s | "
+           "dead ReLU channels per layer |", "|---|---|---|---|---|---|---|"]
+  for init in args.inits.split(","):
+    for bias in args.biases.split(","):
+      root = os.path.join(base, f"{init}_bias-{bias}")
+      if not args.table_only:
+        subprocess.run([sys.executable, "-m", "allconv_jax.sweep",
+                        "--configs=configs/all_cnn_c.py", f"--learning_rates={args.learning_rates}",
+                        f"--root={root}", f"--config.model.width_multiplier={args.width}",
+                        f"--config.model.kernel_init={init}",
+                        f"--config.model.use_bias={bias == 'on'}", "--config.tensorboard=False",
+                        *overrides], cwd=REPO, check=False)
+      for rate in rates:
+        workdir = os.path.join(root, "all_cnn_c", f"lr{float(rate)!r}")
+        lines.append(row(f"{init}, biases {bias}", workdir, rate))
+  table = "\n".join(lines) + "\n"
+  with open(os.path.join(base, "trainability.md"), "w") as f:
+    f.write(table)
+  print(table)
+
+
+if __name__ == "__main__":
+  main()
