@@ -108,7 +108,8 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0)
   print(f"{config.model.name} width x{config.model.width_multiplier:g} "
         f"({models.count_params(params):,} parameters), {config.model.dtype}, batch {batch}, "
         f"augment={config.data.augment}, strided input gradient "
-        f"{'polyphase' if model.options.polyphase_grad else 'xla'}, on {mesh.size} x {device.device_kind} "
+        f"{'polyphase' if model.options.polyphase_grad else 'xla'}, "
+        f"on {mesh.size} x {device.device_kind} "
         f"({device.platform}, jax {jax.__version__})", flush=True)
   if device.platform == "cpu":
     load = os.getloadavg()
