@@ -288,14 +288,15 @@ def init_params(model: AllConvNet, key: jax.Array, image_size: int = 32) -> Any:
 
 
 def dead_relu_fractions(model: AllConvNet, params: Any, images: jax.Array) -> dict[str, float]:
-  """Per ReLU layer, the fraction of its channels that output zero on every one of `images`."""
+  """Per ReLU layer in network order, the fraction of its channels that output zero on every
+  one of `images` (a dead channel passes no gradient); the class layer only with final_relu."""
   _, state = model.apply({"params": params}, images, train=False, mutable=["intermediates"])
-  acts = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
-  out = {}
-  for path, act in acts:
-    name = str(getattr(path[-2], "key", path[-2])).removesuffix("_act")
-    out[name] = float(jnp.mean(jnp.max(act, axis=(0, 1, 2)) <= 0))
-  return out
+  inter = state["intermediates"]
+  acts = {layer.name: inter["backbone"][f"{layer.name}_act"][0]
+          for layer in layer_list(model.arch, model.width_multiplier) if isinstance(layer, Conv)}
+  if model.final_relu:
+    acts["classifier"] = inter["classifier_act"][0]
+  return {name: float(jnp.mean(jnp.max(act, axis=(0, 1, 2)) <= 0)) for name, act in acts.items()}
 
 
 def count_params(params: Any) -> int:

@@ -8,17 +8,16 @@
 Each (init, biases) pair is one `python -m allconv_jax.sweep` over the rates, in
 ROOT/w<width>/<init>_bias-<on|off>/ (finished points are skipped, so the command resumes). Then
 ROOT/w<width>/trainability.md gets one row per point: validation accuracy per epoch, test
-accuracy, and a verdict: 'dead' (the last epoch's training loss is ln(10) with zero logits),
-'diverged' (the run stopped on a non-finite loss), 'learns' (the last validation accuracy is at
-least 5 points over chance) or 'stalled'. Dead runs list their layers' fractions of dead ReLU
-channels (results.json 'dead_relu_fraction').
+accuracy, wall seconds and a verdict: 'dead' (at the end, every class map is zero on every
+validation image of the first batch, so the logits are zero), 'diverged' (the run stopped on a
+non-finite loss) or 'alive'. Dead runs list their layers' fractions of dead ReLU channels
+(results.json 'dead_relu_fraction').
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -33,17 +32,14 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def verdict(workdir: str, records: list[dict], results: dict | None, classes: int = 10) -> str:
-  """'dead', 'diverged', 'learns', 'stalled' or 'unfinished' from a run's files."""
+def verdict(workdir: str, results: dict | None) -> str:
+  """'dead' (every class map silent on the validation batch: zero logits), 'diverged' (stopped
+  on a non-finite loss), 'alive' or 'unfinished'."""
   if results is None:
     log = os.path.join(workdir, "sweep.log")
     diverged = os.path.exists(log) and "training diverged" in open(log).read()
     return "diverged" if diverged else "unfinished"
-  last = records[-1] if records else {}
-  if abs(last.get("train_loss", 0.0) - math.log(classes)) < 1e-3:
-    return "dead"
-  acc = last.get("val_accuracy") or 0.0
-  return "learns" if acc >= 1.0 / classes + 0.05 else "stalled"
+  return "dead" if results["dead_relu_fraction"].get("classifier") == 1.0 else "alive"
 
 
 def row(setting: str, workdir: str, rate: str) -> str:
@@ -53,12 +49,12 @@ def row(setting: str, workdir: str, rate: str) -> str:
   results = json.load(open(path)) if os.path.exists(path) else None
   if not records and results is None and not os.path.exists(workdir):
     return f"| {setting} | {rate} | (not run) | | | |"
-  state = verdict(workdir, records, results)
+  state = verdict(workdir, results)
   vals = " / ".join(f"{100 * r['val_accuracy']:.1f}" for r in records if r.get("val_accuracy")
                     is not None)
   test = f"{100 * results['test_accuracy']:.2f}" if results else "-"
   dead = ""
-  if results and state in ("dead", "stalled"):
+  if results and state == "dead":
     dead = ", ".join(f"{k} {100 * v:.0f}%" for k, v in results["dead_relu_fraction"].items())
   secs = f"{results['wall_time_sec']:.0f}" if results else "-"
   return f"| {setting} | {rate} | {vals} | {test} | {state} | {secs} | {dead} |"

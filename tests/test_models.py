@@ -275,3 +275,35 @@ def test_strided_grad_setting():
   config.model.strided_grad = "fast"
   with pytest.raises(UserError, match="unknown model.strided_grad 'fast'"):
     models.create_model(config.model, 10)
+
+
+def test_dead_relu_fractions_in_layer_order():
+  model = make(width_multiplier=0.1, bias_init=-10.0)  # every pre-activation negative
+  params = models.init_params(model, jax.random.key(0))
+  dead = models.dead_relu_fractions(model, params, jnp.ones((3, 32, 32, 3)) * 0.01)
+  names = [layer.name for layer in models.layer_list("all_cnn_c", 0.1)
+           if isinstance(layer, models.Conv)]
+  assert list(dead) == [*names, "classifier"] and all(f == 1.0 for f in dead.values())
+  model = make(width_multiplier=0.1, final_relu=False)
+  params = models.init_params(model, jax.random.key(0))
+  alive = models.dead_relu_fractions(model, params, jax.random.normal(jax.random.key(1), (8, 32, 32, 3)))
+  assert "classifier" not in alive and alive["stage1_conv1"] < 1.0
+
+
+@pytest.mark.parametrize("init,std", [("caffe_xavier", (1 / 27) ** 0.5),
+                                      ("gaussian", 0.05), ("he_normal", (2 / 27) ** 0.5)])
+def test_kernel_initializers_variance(init, std):
+  """Caffe's xavier filler: uniform, variance 1/fan_in; neon's Gaussian: std 0.05."""
+  w = models.kernel_initializer(init, 0.05)(jax.random.key(0), (3, 3, 3, 20000))
+  assert abs(float(jnp.std(w)) / std - 1) < 0.01 and abs(float(jnp.mean(w))) < 0.01 * std
+  if init == "caffe_xavier":
+    assert float(jnp.max(jnp.abs(w))) <= (3 / 27) ** 0.5
+
+
+def test_no_bias_switch_removes_every_bias():
+  params = shapes(make(use_bias=False))
+  names = ["/".join(str(k.key) for k in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  assert names and all(n.endswith("/kernel") for n in names)
+  assert models.count_params(params) == expected_params("all_cnn_c", 10) - (
+      3 * 96 + 5 * 192 + 10)  # three convs of 96, five of 192, the class layer

@@ -199,3 +199,37 @@ def test_batch_larger_than_training_set(tmp_path):
   with pytest.raises(UserError, match=r"batch_size \(512\) is larger than the training set"):
     train.train_and_evaluate(tiny_config(batch_size=512), str(tmp_path))
   assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_per_segment_rates_and_fractional_boundaries():
+  """The course project's explicit rates per segment; Caffe's 40k iterations as 204.8 epochs."""
+  config = tiny_config()
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.learning_rates = (0.1, 0.05, 0.01, 0.001)
+  config.optimizer.boundaries = (2, 4, 5)
+  config_lib.validate(config)
+  schedule = train.make_schedule(config.optimizer, steps_per_epoch=10)
+  got = [float(schedule(s)) for s in (0, 19, 20, 39, 40, 49, 50, 1000)]
+  np.testing.assert_allclose(got, [0.1, 0.1, 0.05, 0.05, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+  config.optimizer.learning_rates = ()
+  config.optimizer.boundaries = (2.5,)
+  schedule = train.make_schedule(config.optimizer, steps_per_epoch=10)
+  assert [float(schedule(s)) for s in (24, 25)] == pytest.approx([0.1, 0.01])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("optimizer.learning_rates", (0.1, 0.05), "must hold one rate per segment (4 for"),
+    ("optimizer.learning_rates", (0.1, 0.05, -1.0, 0.1), "must be positive numbers"),
+    ("optimizer.learning_rates", (0.2, 0.05, 0.01, 0.001), "is not the first of"),
+    ("model.padding", "same", "'model.padding' must be one of symmetric, tf_same"),
+    ("model.kernel_init", "xavier", "caffe_xavier"),
+    ("model.init_std", 0.0, "'model.init_std' must be > 0"),
+    ("optimizer.boundaries", (200, -1), "must be positive epochs"),
+])
+def test_fidelity_keys_are_checked(key, value, message):
+  config = tiny_config(optimizer__learning_rate=0.1, optimizer__boundaries=(200, 250, 300))
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(UserError) as e:
+    config_lib.validate(config)
+  assert message in str(e.value)
