@@ -40,7 +40,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(str(e).splitlines()[0])
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith("Error whilst parsing config file:"):
+      fail(f"{lines[0]} {lines[-1]}")  # the config file's own exception, not its traceback
+    fail(lines[0] if lines else type(e).__name__)
 
 
 def parse_config_flags(argv: list[str]) -> list[str]:

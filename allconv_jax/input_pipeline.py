@@ -226,6 +226,11 @@ def check_config(data_config: Any) -> None:
     value = _get(data_config, key, 0)
     if int(value) != value or value < 0:
       raise UserError(f"data.{key} must be an integer >= 0 (got {value})")
+  if data_config.validate_on_test and data_config.validation_size:
+    raise UserError(
+      f"data.validate_on_test=True uses the test set for validation: set "
+      f"data.validation_size=0 (got {data_config.validation_size})"
+    )
   translate = _get(data_config, "translate_pixels", 5)
   if int(translate) != translate or translate < 0:
     raise UserError(f"data.translate_pixels must be an integer >= 0 (got {translate})")
@@ -629,11 +634,14 @@ def load_splits(data_config: Any, seed: int) -> Splits:
   test_images, test_labels = raw.test_images, raw.test_labels
   if max_test:
     test_images, test_labels = test_images[:max_test], test_labels[:max_test]
+  val_images, val_labels = raw.train_images[val_idx], raw.train_labels[val_idx]
+  if data_config.validate_on_test:  # the course project's (and the Caffe run's) practice
+    val_images, val_labels = test_images, test_labels
   return Splits(
     train_images=raw.train_images[train_idx],
     train_labels=raw.train_labels[train_idx].astype(np.int32),
-    val_images=raw.train_images[val_idx],
-    val_labels=raw.train_labels[val_idx].astype(np.int32),
+    val_images=val_images,
+    val_labels=val_labels.astype(np.int32),
     test_images=np.ascontiguousarray(test_images),
     test_labels=np.ascontiguousarray(test_labels, dtype=np.int32),
     class_names=raw.class_names,

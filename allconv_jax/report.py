@@ -114,15 +114,34 @@ def comparable(results: dict[str, Any]) -> bool:
           and not results.get("transfer_source"))
 
 
+def transfer_step(results: dict[str, Any]) -> str:
+  """'step1' (from a source, something frozen), 'step2' (from a source) or 'scratch'."""
+  if not results.get("transfer_source"):
+    return "scratch"
+  frozen = ((results.get("config") or {}).get("optimizer") or {}).get("freeze")
+  return "step1" if frozen else "step2"
+
+
 def references(results: dict[str, Any]) -> tuple[str, str]:
-  """(paper test error %, course accuracy %) as table cells; '—' where none applies."""
+  """(paper test error %, course test accuracy %) as table cells; '—' where none applies.
+
+  The course project's transfer numbers apply to real-data, width x1 runs on its CIFAR-100
+  subsets class1/class2 (scratch, step 1, step 2).
+  """
+  data = (results.get("config") or {}).get("data", {})
+  subset = results.get("subset")
+  if (subset in ("class1", "class2") and results.get("dataset") == "cifar100"
+      and data.get("source") != "synthetic"
+      and float(results.get("width_multiplier", 1.0)) == 1.0):
+    course = paper.course_transfer_accuracy(transfer_step(results), subset)
+    return "—", "—" if course is None else f"{course:.2f}"
   if not comparable(results):
     return "—", "—"
   model, dataset, augment = (results.get("model", ""), results.get("dataset", ""),
                              bool(results.get("augment")))
   err = paper.paper_test_error(model, dataset, augment)
-  course = paper.course_accuracy(dataset, augment) if model in paper.NETWORKS else None
-  return ("—" if err is None else f"{err:.2f}"), course or "—"
+  course = paper.course_accuracy(model, dataset, augment)
+  return ("—" if err is None else f"{err:.2f}"), ("—" if course is None else f"{course:.2f}")
 
 
 def table_row(run: Run) -> list[str]:
@@ -149,16 +168,16 @@ def results_markdown(runs: Sequence[Run], plots: dict[str, str]) -> str:
   lines = ["# Results", "",
            "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
   lines += ["| " + " | ".join(table_row(run)) + " |" for run in runs]
-  low, high = paper.COURSE_ACCURACY_RANGE
   lines += [
       "",
       "Test error = 100 - test accuracy (%), on the test set after the last epoch. "
       "Paper: Springenberg et al. (2015), CIFAR-10 without augmentation unless the run used it "
       "(All-CNN-C with augmentation: 7.25), CIFAR-100 All-CNN-C: 33.71. "
-      f"Course: the PyTorch course project reached {low}-{high} % test accuracy on CIFAR-10 "
-      f"(batch {paper.COURSE_BATCH_SIZE}, no augmentation) over its networks; per-network "
-      "numbers are not available. References are shown only for runs in the paper's setting "
-      "(real data, all classes and images, width x1, no transfer).",
+      "Course: test accuracy of the PyTorch course project (its Tables 3 and 4: CIFAR-10, "
+      f"batch {paper.COURSE_BATCH_SIZE}, mean/std normalization, no augmentation; transfer on "
+      "its CIFAR-100 subsets class1/class2, whose classes it never listed). References are "
+      "shown only for runs in their setting (real data, all classes and images, width x1; "
+      "the transfer numbers for runs on class1/class2).",
       "", "## Validation accuracy per epoch", "", f"![comparison]({COMPARISON_PNG})", "",
       "## Runs", "",
   ]

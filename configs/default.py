@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.subset = ""
   config.data.classes = ""
   config.data.validation_size = 1000
+  config.data.validate_on_test = False
   config.data.max_train_examples = 0
   config.data.max_test_examples = 0
   config.data.preprocessing = "gcn_zca"

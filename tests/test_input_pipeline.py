@@ -629,3 +629,15 @@ def test_augment_keys():
   c = _augment(jax.random.key(4), images, flip=True, translate=5)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_validate_on_test_uses_the_test_images():
+  """The course project's protocol: every training image trains, the test set is watched."""
+  splits = ip.load_splits(data_config(source="synthetic", validation_size=0,
+                                      validate_on_test=True, max_test_examples=40), seed=0)
+  assert len(splits.train_images) == len(ip.load_splits(
+      data_config(source="synthetic", validation_size=0), seed=0).train_images)
+  np.testing.assert_array_equal(splits.val_images, splits.test_images)
+  np.testing.assert_array_equal(splits.val_labels, splits.test_labels)
+  with pytest.raises(UserError, match="data.validate_on_test=True uses the test set"):
+    ip.check_config(data_config(validate_on_test=True))

@@ -286,7 +286,8 @@ def test_dead_relu_fractions_in_layer_order():
   assert list(dead) == [*names, "classifier"] and all(f == 1.0 for f in dead.values())
   model = make(width_multiplier=0.1, final_relu=False)
   params = models.init_params(model, jax.random.key(0))
-  alive = models.dead_relu_fractions(model, params, jax.random.normal(jax.random.key(1), (8, 32, 32, 3)))
+  images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+  alive = models.dead_relu_fractions(model, params, images)
   assert "classifier" not in alive and alive["stage1_conv1"] < 1.0
 
 

@@ -313,12 +313,20 @@ def fake_results(model="all_cnn_c", dataset="cifar10", augment=False, source="tf
           "width_multiplier": 1.0, "test_accuracy": 0.9, "best_val_accuracy": 0.91,
           "transfer_source": None,
           "config": {"data": {"source": source, "max_train_examples": 0,
-                              "max_test_examples": 0}}, **extra}
+                              "max_test_examples": 0}}} | extra
 
 
 @pytest.mark.parametrize("results, want", [
-    (fake_results(), ("9.08", "79-86 (course range)")),
-    (fake_results(model="strided_cnn_a"), ("13.46", "79-86 (course range)")),
+    (fake_results(), ("9.08", "83.28")),
+    (fake_results(model="strided_cnn_a"), ("13.46", "—")),  # not in the course's Table 3
+    (fake_results(model="convpool_cnn_c"), ("9.31", "85.88")),
+    (fake_results(dataset="cifar100", subset="class2"), ("—", "68.45")),
+    (fake_results(dataset="cifar100", subset="class1", transfer_source="/r",
+                  config={"data": {"source": "local"}, "optimizer": {"freeze": "backbone/"}}),
+     ("—", "52.10")),
+    (fake_results(dataset="cifar100", subset="class2", transfer_source="/r",
+                  config={"data": {"source": "local"}, "optimizer": {"freeze": ""}}),
+     ("—", "75.10")),
     (fake_results(augment=True), ("7.25", "—")),
     (fake_results(dataset="cifar100"), ("33.71", "—")),
     (fake_results(model="model_a", augment=True), ("—", "—")),
@@ -336,7 +344,9 @@ def test_paper_numbers_cover_the_twelve_networks():
   assert len(paper.NETWORKS) == 12 and set(paper.NETWORKS) == set(models.MODEL_NAMES)
   assert all(paper.paper_test_error(n, "cifar10", False) for n in paper.NETWORKS)
   assert paper.paper_test_error("all_cnn_c", "cifar10", False) == 9.08
-  assert paper.course_accuracy("cifar100", False) is None
+  assert paper.course_accuracy("all_cnn_c", "cifar100", False) is None
+  assert paper.course_accuracy("all_cnn_c", "cifar10", False) == 83.28
+  assert len(paper.COURSE_CIFAR10) == 8 and set(paper.COURSE_CIFAR10) <= set(paper.NETWORKS)
 
 
 # ----------------------------------------------------------------------------- visualize
