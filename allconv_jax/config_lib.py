@@ -23,6 +23,22 @@ RUN_DEFINING_KEYS = (
 )
 
 
+# Keys added after runs were already saved, with the value those runs effectively used
+# (before model.padding existed, strided convolutions padded as TF's SAME).
+LEGACY_VALUES = {"model.padding": "tf_same", "model.use_bias": True, "model.init_std": 0.05,
+                 "optimizer.learning_rates": [], "data.validate_on_test": False}
+
+
+def with_legacy_values(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config.json (nested dicts) with LEGACY_VALUES filled in where keys are missing."""
+  out = json.loads(json.dumps(saved))
+  for key, value in LEGACY_VALUES.items():
+    section, name = key.split(".")
+    if isinstance(out.get(section), dict):
+      out[section].setdefault(name, value)
+  return out
+
+
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> Iterator[
     tuple[str, Any]]:
   """Yields ('a.b', value) for every leaf of a (nested) config."""
@@ -133,7 +149,7 @@ def to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def run_defining_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> tuple[
     list[str], list[str]]:
   """(keys that would invalidate the saved run, other changed keys) between two configs."""
-  old = dict(flatten(saved))
+  old = dict(flatten(with_legacy_values(saved)))
   new = dict(flatten(to_json(config)))
   changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
   bad = [k for k in changed if k in RUN_DEFINING_KEYS]

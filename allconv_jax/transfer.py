@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from allconv_jax import checkpointing, input_pipeline, models
+from allconv_jax import checkpointing, config_lib, input_pipeline, models
 from allconv_jax.errors import UserError
 
 
@@ -42,7 +42,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"{workdir} does not exist")
   if not os.path.exists(path):
     raise UserError(f"{workdir} is not a run's workdir (no config.json)")
-  return ml_collections.ConfigDict(checkpointing.read_json(path))
+  return ml_collections.ConfigDict(config_lib.with_legacy_values(checkpointing.read_json(path)))
 
 
 def check_source(config: ml_collections.ConfigDict) -> Source | None:
@@ -59,6 +59,10 @@ def check_source(config: ml_collections.ConfigDict) -> Source | None:
   if mine != theirs:
     raise UserError(f"transfer.source {workdir} holds a {theirs[0]} of width x{theirs[1]:g}; "
                     f"this config builds a {mine[0]} of width x{mine[1]:g}")
+  for key in ("padding", "use_bias"):
+    if src.model[key] != config.model[key]:
+      raise UserError(f"transfer.source {workdir} was trained with model.{key}="
+                      f"{src.model[key]}; set model.{key}={src.model[key]}")
   if not _checkpoint_steps(workdir):
     raise UserError(f"transfer.source {workdir} has no checkpoints (train it first)")
   if config.transfer.checkpoint == "best" and not os.path.exists(

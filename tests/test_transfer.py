@@ -125,3 +125,19 @@ def test_transfer_configs():
   for c in (step1, step2, scratch):
     assert c.data.dataset == "cifar100" and c.data.subset == "class1"
     assert input_pipeline.num_classes(c.data) == 10
+
+
+def test_source_padding_and_biases_must_match(runs, tmp_path):
+  source, _, _ = runs
+  with pytest.raises(UserError, match="trained with model.padding=symmetric; set model.padding="):
+    transfer.check_source(subset_config(transfer__source=source, model__padding="tf_same"))
+  with pytest.raises(UserError, match="trained with model.use_bias=True; set model.use_bias=True"):
+    transfer.check_source(subset_config(transfer__source=source, model__use_bias=False))
+  legacy = tmp_path / "legacy"  # a run saved before model.padding existed padded as TF SAME
+  legacy.mkdir()
+  saved = json.load(open(os.path.join(source, "config.json")))
+  del saved["model"]["padding"], saved["model"]["use_bias"]
+  (legacy / "config.json").write_text(json.dumps(saved))
+  assert transfer.read_run_config(str(legacy)).model.padding == "tf_same"
+  with pytest.raises(UserError, match="trained with model.padding=tf_same"):
+    transfer.check_source(subset_config(transfer__source=str(legacy)))
