@@ -8,16 +8,15 @@
 Each (init, biases) pair is one `python -m allconv_jax.sweep` over the rates, in
 ROOT/w<width>/<init>_bias-<on|off>/ (finished points are skipped, so the command resumes). Then
 ROOT/w<width>/trainability.md gets one row per point: validation accuracy per epoch, test
-accuracy, wall seconds and a verdict: 'dead' (at the end, every class map is zero on every
-validation image of the first batch, so the logits are zero), 'diverged' (the run stopped on a
-non-finite loss) or 'alive'. Dead runs list their layers' fractions of dead ReLU channels
-(results.json 'dead_relu_fraction').
+accuracy, wall seconds and a verdict (see `verdict`). Dead runs list their layers' fractions of
+dead ReLU channels (results.json 'dead_relu_fraction').
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,24 +31,29 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def verdict(workdir: str, results: dict | None) -> str:
-  """'dead' (every class map silent on the validation batch: zero logits), 'diverged' (stopped
-  on a non-finite loss), 'alive' or 'unfinished'."""
+def verdict(workdir: str, records: list[dict], results: dict | None) -> str:
+  """'dead' (at the end every class map is zero on every image of the first validation batch,
+  so the logits are zero), 'diverged' (stopped on a non-finite loss), 'learning' (the last
+  epoch's training loss is at least 0.05 below ln(10)), 'plateau' (alive, still at about
+  ln(10)) or 'unfinished'."""
   if results is None:
     log = os.path.join(workdir, "sweep.log")
     diverged = os.path.exists(log) and "training diverged" in open(log).read()
     return "diverged" if diverged else "unfinished"
-  return "dead" if results["dead_relu_fraction"].get("classifier") == 1.0 else "alive"
+  if results["dead_relu_fraction"].get("classifier") == 1.0:
+    return "dead"
+  return "learning" if records[-1]["train_loss"] < math.log(10) - 0.05 else "plateau"
 
 
-def row(setting: str, workdir: str, rate: str) -> str:
-  """One markdown row for the point in `workdir`."""
+def row(setting: str, workdir: str, rate: str) -> str | None:
+  """One markdown row for the point in `workdir` (None if it was never started)."""
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   path = os.path.join(workdir, "results.json")
   results = json.load(open(path)) if os.path.exists(path) else None
-  if not records and results is None and not os.path.exists(workdir):
-    return f"| {setting} | {rate} | (not run) | | | |"
-  state = verdict(workdir, results)
+  if not os.path.exists(workdir):
+    return None
+  state = verdict(workdir, records, results)
+  losses = " / ".join(f"{r['train_loss']:.3f}" for r in records)
   vals = " / ".join(f"{100 * r['val_accuracy']:.1f}" for r in records if r.get("val_accuracy")
                     is not None)
   test = f"{100 * results['test_accuracy']:.2f}" if results else "-"
@@ -57,7 +61,7 @@ def row(setting: str, workdir: str, rate: str) -> str:
   if results and state == "dead":
     dead = ", ".join(f"{k} {100 * v:.0f}%" for k, v in results["dead_relu_fraction"].items())
   secs = f"{results['wall_time_sec']:.0f}" if results else "-"
-  return f"| {setting} | {rate} | {vals} | {test} | {state} | {secs} | {dead} |"
+  return f"| {setting} | {rate} | {losses} | {vals} | {test} | {state} | {secs} | {dead} |"
 
 
 def main() -> None:
@@ -72,8 +76,8 @@ def main() -> None:
   overrides = [o for o in overrides if o != "--"]
   base = os.path.join(os.path.abspath(args.root), f"w{args.width}")
   rates = args.learning_rates.split(",")
-  lines = ["| init, biases | lr | val. accuracy per epoch (%) | test (%) | verdict | s | "
-           "dead ReLU channels per layer |", "|---|---|---|---|---|---|---|"]
+  lines = ["| init, biases | lr | train loss per epoch | val. accuracy per epoch (%) | test (%) | "
+           "verdict | s | dead ReLU channels per layer |", "|---|---|---|---|---|---|---|---|"]
   for init in args.inits.split(","):
     for bias in args.biases.split(","):
       root = os.path.join(base, f"{init}_bias-{bias}")
@@ -86,7 +90,8 @@ def main() -> None:
                         *overrides], cwd=REPO, check=False)
       for rate in rates:
         workdir = os.path.join(root, "all_cnn_c", f"lr{float(rate)!r}")
-        lines.append(row(f"{init}, biases {bias}", workdir, rate))
+        line = row(f"{init}, biases {bias}", workdir, rate)
+        lines += [line] if line else []
   table = "\n".join(lines) + "\n"
   with open(os.path.join(base, "trainability.md"), "w") as f:
     f.write(table)
