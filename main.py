@@ -54,7 +54,8 @@ def main(argv: list[str]) -> None:
     print(f"interrupted: {e}", file=sys.stderr, flush=True)
     sys.exit(130)
   except KeyboardInterrupt:
-    print("interrupted before training started or after it ended; run the same command again "
+    again = "without --config.restart=True" if config.restart else "again"
+    print(f"interrupted before training started or after it ended; run the same command {again} "
           "to resume", file=sys.stderr, flush=True)
     sys.exit(130)
 

@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
 from allconv_jax.errors import UserError
 
 BEST_FILE = "best_checkpoint.json"
+ITEM = "default"  # the item folder CheckpointManager writes for a single unnamed item
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -77,6 +79,12 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     f.close()
 
 
+def all_finite(tree: Any) -> bool:
+  """Whether every floating-point value in `tree` is finite."""
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree)
+             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
+
+
 class Checkpoints:
   """Saves and restores train states; keeps the newest `keep` plus the best one."""
 
@@ -130,9 +138,18 @@ class Checkpoints:
         self.manager.delete(step)
 
   def restore(self, step: int, target: Any) -> Any:
-    """Restores the checkpoint at `step` into the structure (and shardings) of `target`."""
+    """Restores the checkpoint at `step` into the structure (and shardings) of `target`.
+
+    Each step is read on its own from its item folder (`<step>/default`), not through the
+    manager, whose item inference a malformed step (say, an empty folder) would poison for
+    every older step.
+    """
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    path = os.path.join(self.directory, str(step), ITEM)
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{path} is missing")
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(path, abstract)
 
   def restore_newest(self, target: Any, move_aside: bool = True) -> tuple[int, Any] | None:
     """The newest checkpoint that restores; corrupt ones are moved aside with a warning.
@@ -143,7 +160,10 @@ class Checkpoints:
     steps = self.steps()
     for step in reversed(steps):
       try:
-        return step, self.restore(step, target)
+        tree = self.restore(step, target)
+        if not all_finite(tree):
+          raise ValueError("it holds non-finite values")
+        return step, tree
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else \
             type(e).__name__

@@ -495,9 +495,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log(f"run in {workdir} is finished ({results['epochs']} epochs): test accuracy "
             f"{results['test_accuracy']:.4f}, test loss {results['test_loss']:.4f}")
         return results
+      # results.json stays until the extended run replaces it (atomically) at its end
       log(f"extending the finished {results.get('epochs')}-epoch run to {config.num_epochs} "
           "epochs")
-      os.remove(files["results.json"])  # stale from here on; rewritten at the end
     return _run(config, workdir, source)
 
 
@@ -619,6 +619,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
               f"ETA {eta / 60:.1f} min")
           stopping = should_stop(stop)
           if stopping and pos < spe:
+            if not params_finite(state.params):
+              raise diverged(f"the parameters are not finite in epoch {epoch + 1}",
+                             float(schedule(step - 1)), last_good)
             log("received a stop signal: saving a checkpoint, then stopping")
             ckpts.save(step, {"state": state, "sums": sums})
             raise Interrupted(step)
@@ -670,8 +673,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   except Interrupted as e:
     ckpts.close()
     writer.close()
+    again = ("without --config.restart=True" if config.restart  # rerunning it would wipe it
+             else "again")
     raise Interrupted(f"stopped at step {e.args[0]} with a checkpoint saved; run the same "
-                      "command again to resume") from None
+                      f"command {again} to resume") from None
   writer.close()
 
   t = summarize(steps.evaluate(state.params, test.images, test.labels, test.mask))

@@ -192,3 +192,71 @@ def test_fewer_epochs_than_already_trained_is_refused(tmp_path):
   os.remove(tmp_path / "results.json")
   with pytest.raises(UserError, match="has trained 2 epochs already, more than num_epochs=1"):
     train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_a_malformed_newest_step_leaves_older_steps_usable(tmp_path):
+  """An empty newest step folder is set aside alone; the older good steps are not touched."""
+  import jax.numpy as jnp
+
+  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
+  ckpts.save(8, {"a": jnp.arange(3.0)})
+  ckpts.save(16, {"a": jnp.arange(3.0) + 1})
+  ckpts.close()
+  os.makedirs(tmp_path / "checkpoints" / "24")
+  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
+  step, tree = ckpts.restore_newest({"a": jnp.zeros(3)})
+  ckpts.close()
+  assert step == 16 and tree["a"].tolist() == [1.0, 2.0, 3.0]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["16", "8"]
+  assert os.listdir(tmp_path / "corrupt_checkpoints") == ["24"]
+
+
+def test_non_finite_steps_are_skipped_on_restore(tmp_path):
+  import jax.numpy as jnp
+
+  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
+  ckpts.save(8, {"a": jnp.arange(3.0)})
+  ckpts.manager.save(16, args=checkpointing.ocp.args.StandardSave({"a": jnp.full(3, jnp.nan)}))
+  ckpts.manager.wait_until_finished()
+  step, tree = ckpts.restore_newest({"a": jnp.zeros(3)})
+  ckpts.close()
+  assert step == 8 and os.listdir(tmp_path / "corrupt_checkpoints") == ["16"]
+
+
+def test_a_stop_signal_never_saves_non_finite_weights(tmp_path, monkeypatch):
+  """Resume a finished run with learning_rate=inf and stop it mid-epoch: nothing is saved."""
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+  saved = sorted(os.listdir(tmp_path / "checkpoints"))
+  monkeypatch.setattr(train, "should_stop", lambda event: True)
+  with pytest.raises(train.TrainingDiverged, match="not finite"):
+    train.train_and_evaluate(tiny_config(num_epochs=2, optimizer__learning_rate=float("inf")),
+                             workdir)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == saved
+
+
+def test_a_failed_extension_keeps_the_finished_results(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+  before = (tmp_path / "results.json").read_text()
+
+  def broken(*args, **kwargs):
+    raise UserError("data_batch_3 is truncated")
+
+  monkeypatch.setattr(train.input_pipeline, "load_splits", broken)
+  with pytest.raises(UserError, match="truncated"):
+    train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
+  assert (tmp_path / "results.json").read_text() == before
+
+
+def test_interrupt_message_of_a_restart_run_says_to_drop_restart(tmp_path, monkeypatch):
+  monkeypatch.setattr(train, "should_stop", lambda event: True)
+  with pytest.raises(train.Interrupted) as e:
+    train.train_and_evaluate(tiny_config(restart=True), str(tmp_path))
+  assert "run the same command without --config.restart=True to resume" in str(e.value)
+  with pytest.raises(train.Interrupted) as e:
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert "run the same command again to resume" in str(e.value)
