@@ -447,6 +447,19 @@ def clear_workdir(workdir: str) -> None:
       os.remove(path)
 
 
+def check_restartable(workdir: str) -> None:
+  """restart=True deletes only a run's outputs: refuse a folder that holds some of the files
+  this program writes but no config.json (it is not a run's workdir)."""
+  files = workdir_files(workdir)
+  if os.path.exists(files["config.json"]):
+    return
+  ours = [n for n, path in files.items() if os.path.exists(path)]
+  if ours:
+    raise UserError(f"--config.restart=True would delete {', '.join(ours)} in {workdir}, "
+                    "which is not a run's workdir (no config.json); delete them yourself or "
+                    "use another --workdir")
+
+
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   """The workdir's saved config if compatible; UserError if it would be invalidated."""
   files = workdir_files(workdir)
@@ -485,10 +498,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   source = prepare(config, workdir)
   with checkpointing.workdir_lock(workdir):
-    if config.restart and jax.process_index() == 0:
-      clear_workdir(workdir)
-    saved = check_resumable(config, workdir)
     files = workdir_files(workdir)
+    if config.restart:
+      check_restartable(workdir)
+      saved = None
+    else:
+      saved = check_resumable(config, workdir)
     if saved is not None and os.path.exists(files["results.json"]):
       results = checkpointing.read_json(files["results.json"])
       if results.get("epochs", 0) >= config.num_epochs:
@@ -498,7 +513,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # results.json stays until the extended run replaces it (atomically) at its end
       log(f"extending the finished {results.get('epochs')}-epoch run to {config.num_epochs} "
           "epochs")
-    return _run(config, workdir, source)
+    splits = input_pipeline.load_splits(config.data, config.seed)  # every data check first
+    if config.restart and jax.process_index() == 0:
+      clear_workdir(workdir)  # only now that every check has passed
+    return _run(config, workdir, source, splits)
 
 
 def _preprocessing(config: ml_collections.ConfigDict, workdir: str,
@@ -518,11 +536,10 @@ def _preprocessing(config: ml_collections.ConfigDict, workdir: str,
   return stats
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str,
-         source: transfer.Source | None) -> dict[str, Any]:
+def _run(config: ml_collections.ConfigDict, workdir: str, source: transfer.Source | None,
+         splits: input_pipeline.Splits) -> dict[str, Any]:
   files = workdir_files(workdir)
   t_start = time.time()
-  splits = input_pipeline.load_splits(config.data, config.seed)
   n_train = len(splits.train_labels)
   mesh = make_mesh()
   if config.batch_size > n_train:

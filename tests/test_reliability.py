@@ -260,3 +260,24 @@ def test_interrupt_message_of_a_restart_run_says_to_drop_restart(tmp_path, monke
   with pytest.raises(train.Interrupted) as e:
     train.train_and_evaluate(tiny_config(), str(tmp_path))
   assert "run the same command again to resume" in str(e.value)
+
+
+def test_restart_deletes_only_a_runs_workdir_and_only_after_the_data_checks(tmp_path,
+                                                                            monkeypatch):
+  stranger = tmp_path / "stranger"  # someone's folder that happens to hold a metrics.jsonl
+  stranger.mkdir()
+  (stranger / "metrics.jsonl").write_text("mine\n")
+  with pytest.raises(UserError, match="not a run's workdir"):
+    train.train_and_evaluate(tiny_config(restart=True), str(stranger))
+  assert (stranger / "metrics.jsonl").read_text() == "mine\n"
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(run))
+  kept = sorted(os.listdir(run))
+
+  def broken(*args, **kwargs):
+    raise UserError("data_batch_3 is truncated")
+
+  monkeypatch.setattr(train.input_pipeline, "load_splits", broken)
+  with pytest.raises(UserError, match="truncated"):
+    train.train_and_evaluate(tiny_config(num_epochs=1, restart=True), str(run))
+  assert sorted(os.listdir(run)) == kept and (run / "results.json").exists()
