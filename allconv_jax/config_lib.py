@@ -17,7 +17,7 @@ RUN_DEFINING_KEYS = (
     "seed", "batch_size", "model.name", "model.width_multiplier", "model.final_relu",
     "model.use_bias", "model.padding",
     "data.dataset", "data.label_type", "data.subset", "data.classes", "data.validation_size",
-    "data.validate_on_test",
+    "data.validate_on_test", "data.source", "data.dir",
     "data.max_train_examples", "data.preprocessing", "data.gcn_scale", "data.zca_epsilon",
     "transfer.source", "optimizer.freeze", "optimizer.momentum",
 )

@@ -370,16 +370,21 @@ class Writer:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """The records of a metrics.jsonl file (a truncated last line from a kill is dropped)."""
+  """The records of a metrics.jsonl file. A line that is not a record (a truncated last line
+  from a kill, a damaged line) is skipped with a warning; the records after it are kept."""
   if not os.path.exists(path):
     return []
   records = []
   with open(path) as f:
-    for line in f:
+    for number, line in enumerate(f, 1):
       try:
-        records.append(json.loads(line))
+        record = json.loads(line)
       except json.JSONDecodeError:
-        break
+        record = None
+      if isinstance(record, dict) and {"epoch", "step"} <= record.keys():
+        records.append(record)
+      elif line.strip():
+        logging.warning("%s: line %d is not a metrics record; skipped", path, number)
   return records
 
 

@@ -81,6 +81,13 @@ def check_source(config: ml_collections.ConfigDict) -> Source | None:
     if theirs_k != mine_k:
       raise UserError(f"transfer.source {workdir} has a class layer for {theirs_k} classes, "
                       f"this run has {mine_k}; set transfer.new_classifier=True")
+    theirs_c, mine_c = input_pipeline.class_names(src.data), input_pipeline.class_names(
+        config.data)
+    if (src.data.dataset, theirs_c) != (config.data.dataset, mine_c):
+      raise UserError(f"transfer.source {workdir} has a class layer for {src.data.dataset} "
+                      f"({', '.join(theirs_c[:3])}, ...), this run classifies "
+                      f"{config.data.dataset} ({', '.join(mine_c[:3])}, ...); set "
+                      "transfer.new_classifier=True")
   return Source(workdir, src, prep, config.transfer.checkpoint)
 
 

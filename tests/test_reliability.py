@@ -281,3 +281,21 @@ def test_restart_deletes_only_a_runs_workdir_and_only_after_the_data_checks(tmp_
   with pytest.raises(UserError, match="truncated"):
     train.train_and_evaluate(tiny_config(num_epochs=1, restart=True), str(run))
   assert sorted(os.listdir(run)) == kept and (run / "results.json").exists()
+
+
+def test_one_damaged_metrics_line_keeps_the_records_after_it(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  records = [{"epoch": e, "step": 8 * e, "val_accuracy": 0.1 * e} for e in (1, 2, 3)]
+  train.write_metrics(path, records)
+  lines = open(path).read().splitlines()
+  lines[1] = lines[1][:9] + "\x00garbage"
+  open(path, "w").write("\n".join([*lines, "7", '{"epoch": 4, "st'][:6]) + "\n")
+  assert train.read_metrics(path) == [records[0], records[2]]
+
+
+@pytest.mark.parametrize("key, value", [("source", "local"), ("dir", "/elsewhere")])
+def test_resuming_on_other_data_is_refused(tmp_path, key, value):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+  with pytest.raises(UserError, match=f"another data.{key}"):
+    train.check_resumable(tiny_config(num_epochs=2, **{f"data__{key}": value}), workdir)

@@ -141,3 +141,11 @@ def test_source_padding_and_biases_must_match(runs, tmp_path):
   assert transfer.read_run_config(str(legacy)).model.padding == "tf_same"
   with pytest.raises(UserError, match="trained with model.padding=tf_same"):
     transfer.check_source(subset_config(transfer__source=str(legacy)))
+
+
+def test_reusing_a_class_layer_of_other_classes_is_refused(runs):
+  source, step1, _ = runs  # source: CIFAR-10 (10 classes); class1: 10 CIFAR-100 classes
+  with pytest.raises(UserError, match="class layer for cifar10 .airplane, automobile, bird, "
+                                      r"\.\.\.., this run classifies cifar100 .bus"):
+    transfer.check_source(subset_config(transfer__source=source, transfer__new_classifier=False))
+  transfer.check_source(subset_config(transfer__source=step1, transfer__new_classifier=False))
