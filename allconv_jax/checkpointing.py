@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from allconv_jax.errors import UserError
 
 BEST_FILE = "best_checkpoint.json"
 ITEM = "default"  # the item folder CheckpointManager writes for a single unnamed item
+CHECKSUMS = "allconv_sha256.json"  # in each step folder, written after the step is complete
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -79,6 +81,19 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     f.close()
 
 
+def step_checksums(folder: str) -> dict[str, str]:
+  """sha256 of every file of a checkpoint step, by path relative to the step folder."""
+  sums = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, folder)
+      if rel != CHECKSUMS:
+        with open(path, "rb") as f:
+          sums[rel] = hashlib.sha256(f.read()).hexdigest()
+  return dict(sorted(sums.items()))
+
+
 def all_finite(tree: Any) -> bool:
   """Whether every floating-point value in `tree` is finite."""
   return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree)
@@ -125,6 +140,9 @@ class Checkpoints:
       self.manager.delete(step)
     self.manager.save(step, args=ocp.args.StandardSave(tree))
     self.manager.wait_until_finished()
+    if jax.process_index() == 0:
+      write_json(os.path.join(self.directory, str(step), CHECKSUMS),
+                 step_checksums(os.path.join(self.directory, str(step))))
     if best is not None:
       self._set_best({**best, "step": step})
     self._prune()
@@ -145,9 +163,13 @@ class Checkpoints:
     every older step.
     """
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    path = os.path.join(self.directory, str(step), ITEM)
+    folder = os.path.join(self.directory, str(step))
+    path = os.path.join(folder, ITEM)
     if not os.path.isdir(path):
       raise FileNotFoundError(f"{path} is missing")
+    if os.path.exists(os.path.join(folder, CHECKSUMS)):  # steps saved before they existed: none
+      if read_json(os.path.join(folder, CHECKSUMS)) != step_checksums(folder):
+        raise ValueError("its files do not match the checksums saved with it")
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(path, abstract)
 
