@@ -115,6 +115,12 @@ class Checkpoints:
     # Kept in memory so that every process of a multi-host run prunes the same steps.
     self._best: dict[str, Any] | None = read_json(path) if os.path.exists(path) else None
 
+  @staticmethod
+  def has_steps(workdir: str) -> bool:
+    """Whether `workdir/checkpoints` holds any step folder (no orbax needed)."""
+    folder = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
+
   def steps(self) -> list[int]:
     """Finished checkpoint steps, oldest first."""
     self.manager.reload()

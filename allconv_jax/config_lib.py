@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,8 @@ import ml_collections
 from allconv_jax import input_pipeline, models
 from allconv_jax.errors import UserError
 from configs import default
+
+MAX_WIDTH = 8.0  # 768 / 1536 channels: about 87 M parameters for All-CNN-C
 
 # Keys whose change would invalidate a run that already has checkpoints.
 RUN_DEFINING_KEYS = (
@@ -120,8 +123,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be strictly increasing", opt.boundaries)
   _check_rates(opt)
   models.check_model_name(model.name)
-  _require(model.width_multiplier > 0, "model.width_multiplier", "must be > 0",
+  _require(0 < model.width_multiplier <= MAX_WIDTH, "model.width_multiplier",
+           f"must be in (0, {MAX_WIDTH}] (wider nets do not fit in memory)",
            model.width_multiplier)
+  _require(0 <= config.seed < 2**63, "seed", "must be in [0, 2**63)", config.seed)
+  try:
+    re.compile(opt.freeze)
+  except re.error as e:
+    raise UserError(f"config key 'optimizer.freeze' is not a regular expression ({e}), "
+                    f"got {opt.freeze!r}") from None
   _require(0 <= model.input_dropout < 1, "model.input_dropout", "must be in [0, 1)",
            model.input_dropout)
   _require(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)", model.dropout)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import pickle
 from collections.abc import Sequence
@@ -232,14 +233,14 @@ def check_config(data_config: Any) -> None:
       f"data.validation_size=0 (got {data_config.validation_size})"
     )
   translate = _get(data_config, "translate_pixels", 5)
-  if int(translate) != translate or translate < 0:
-    raise UserError(f"data.translate_pixels must be an integer >= 0 (got {translate})")
+  if int(translate) != translate or not 0 <= translate < 32:
+    raise UserError(f"data.translate_pixels must be an integer in [0, 32) (got {translate})")
   gcn_scale = _get(data_config, "gcn_scale", 55.0)
-  if not gcn_scale > 0:
-    raise UserError(f"data.gcn_scale must be > 0 (got {gcn_scale})")
+  if not 0 < gcn_scale < math.inf:
+    raise UserError(f"data.gcn_scale must be a finite number > 0 (got {gcn_scale})")
   eps = _get(data_config, "zca_epsilon", 0.1)
-  if not eps >= 0:
-    raise UserError(f"data.zca_epsilon must be >= 0 (got {eps})")
+  if not 0 <= eps < math.inf:
+    raise UserError(f"data.zca_epsilon must be a finite number >= 0 (got {eps})")
   if preprocessing == "gcn_zca" and eps == 0:
     raise UserError(
       "data.zca_epsilon must be > 0 for gcn_zca: GCN makes the covariance singular "

@@ -476,6 +476,14 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> dict[str
                       "use another --workdir or set --config.restart=True to start over")
     return None
   saved = checkpointing.read_json(files["config.json"])
+  if not read_metrics(files["metrics.jsonl"]) and not checkpointing.Checkpoints.has_steps(
+      workdir):
+    # a failed start (say, out of memory) does not bind the corrected rerun; its leftovers
+    # (config.json, preprocessing.npz fitted for that config) go
+    log(f"workdir {workdir} holds a run that saved nothing yet; starting afresh")
+    if jax.process_index() == 0:
+      clear_workdir(workdir)
+    return None
   bad, other = config_lib.run_defining_changes(saved, config)
   if bad:
     old, new = dict(config_lib.flatten(saved)), dict(config_lib.flatten(config_lib.to_json(

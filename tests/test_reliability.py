@@ -322,3 +322,36 @@ def test_flipped_bytes_inside_a_checkpoint_are_detected(tmp_path):
   ckpts.close()
   assert step == 8 and float(tree["a"][5]) == 5.0
   assert os.listdir(tmp_path / "corrupt_checkpoints") == ["16"]
+
+
+def test_a_run_that_saved_nothing_does_not_bind_the_corrected_rerun(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+
+  def out_of_memory(*args, **kwargs):
+    raise MemoryError("RESOURCE_EXHAUSTED")
+
+  monkeypatch.setattr(train.models, "init_params", out_of_memory)
+  with pytest.raises(MemoryError):
+    train.train_and_evaluate(tiny_config(model__width_multiplier=4.0), workdir)
+  assert os.path.exists(tmp_path / "config.json")
+  monkeypatch.undo()
+  out = train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+  assert out["width_multiplier"] == 0.05
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model__width_multiplier", float("inf"), "'model.width_multiplier' must be in (0, 8.0]"),
+    ("model__width_multiplier", 200.0, "'model.width_multiplier' must be in (0, 8.0]"),
+    ("seed", -1, "'seed' must be in [0, 2**63)"),
+    ("seed", 2**63, "'seed' must be in [0, 2**63)"),
+    ("optimizer__freeze", "backbone/(", "'optimizer.freeze' is not a regular expression"),
+    ("data__gcn_scale", float("inf"), "data.gcn_scale must be a finite number > 0"),
+    ("data__zca_epsilon", float("nan"), "data.zca_epsilon must be a finite number >= 0"),
+    ("data__translate_pixels", 40, "data.translate_pixels must be an integer in [0, 32)"),
+])
+def test_out_of_range_settings_are_one_line_errors(key, value, message):
+  from allconv_jax import config_lib
+
+  with pytest.raises(UserError) as e:
+    config_lib.validate(tiny_config(**{key: value}))
+  assert message in str(e.value)
