@@ -165,7 +165,7 @@ def test_freeze_masks_updates_decay_and_momentum_buffers():
 @pytest.mark.parametrize("flag, message", [
     ("--config.optimizer.learning_rate=0.0", "'optimizer.learning_rate' must be > 0"),
     ("--config.batch_size=0", "'batch_size' must be >= 1"),
-    ("--config.model.width_multiplier=-1.0", "'model.width_multiplier' must be > 0"),
+    ("--config.model.width_multiplier=-1.0", "'model.width_multiplier' must be in (0, 8.0]"),
     ("--config.optimizer.boundaries=(250,200)", "'optimizer.boundaries' must be strictly"),
     ("--config.model.nope=1", "unknown config key 'model.nope'"),
     ("--config.num_epochs=ten", "--config.num_epochs=ten"),
