@@ -95,7 +95,8 @@ def step_checksums(folder: str) -> dict[str, str]:
 
 
 def all_finite(tree: Any) -> bool:
-  """Whether every floating-point value in `tree` is finite."""
+  """Whether every floating-point value in `tree` is finite (checked before each save and
+  after each restore)."""
   return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree)
              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
 

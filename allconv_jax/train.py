@@ -315,16 +315,6 @@ def dead_relus(model: models.AllConvNet, params: Any, data: EvalSet) -> dict[str
   return models.dead_relu_fractions(model, params, data.images[0][:n])
 
 
-@jax.jit
-def _all_finite(params: Any) -> jax.Array:
-  return jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
-
-
-def params_finite(params: Any) -> bool:
-  """Whether every parameter is finite (checked before each checkpoint)."""
-  return bool(_all_finite(params))
-
-
 def summarize(sums: Metrics) -> dict[str, float]:
   """Loss, accuracy and mean |logit| from summed metrics."""
   s = {k: float(v) for k, v in jax.device_get(sums).items()}
@@ -649,7 +639,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: transfer.Sourc
               f"ETA {eta / 60:.1f} min")
           stopping = should_stop(stop)
           if stopping and pos < spe:
-            if not params_finite(state.params):
+            if not checkpointing.all_finite(state.params):
               raise diverged(f"the parameters are not finite in epoch {epoch + 1}",
                              float(schedule(step - 1)), last_good)
             log("received a stop signal: saving a checkpoint, then stopping")
@@ -688,7 +678,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: transfer.Sourc
         last_epoch = epoch + 1 == config.num_epochs
         sums = put(zero_metrics())
         stopping = should_stop(stop)
-        if not params_finite(state.params):
+        if not checkpointing.all_finite(state.params):
           raise diverged(f"the parameters are not finite after epoch {epoch + 1}",
                          float(schedule(step - 1)), last_good)
         if is_best or last_epoch or (epoch + 1) % config.checkpoint.every_epochs == 0 or \
