@@ -466,8 +466,9 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> dict[str
                       "use another --workdir or set --config.restart=True to start over")
     return None
   saved = checkpointing.read_json(files["config.json"])
-  if not read_metrics(files["metrics.jsonl"]) and not checkpointing.Checkpoints.has_steps(
-      workdir):
+  saved_nothing = not (read_metrics(files["metrics.jsonl"]) or os.path.exists(files["results.json"])
+                       or checkpointing.Checkpoints.has_steps(workdir))
+  if saved_nothing:
     # a failed start (say, out of memory) does not bind the corrected rerun; its leftovers
     # (config.json, preprocessing.npz fitted for that config) go
     log(f"workdir {workdir} holds a run that saved nothing yet; starting afresh")

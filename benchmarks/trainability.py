@@ -45,6 +45,14 @@ def verdict(workdir: str, records: list[dict], results: dict | None) -> str:
   return "learning" if records[-1]["train_loss"] < math.log(10) - 0.05 else "plateau"
 
 
+def layer_order(name: str) -> tuple[int, str]:
+  """Network order of a ReLU layer's name: stage 1, stage 2, the head, the class layer."""
+  for rank, prefix in enumerate(("stage1_", "stage2_", "head_", "classifier")):
+    if name.startswith(prefix):
+      return rank, name.replace("reduce", "zz")  # a stage's reduce conv comes last
+  return 9, name
+
+
 def row(setting: str, workdir: str, rate: str) -> str | None:
   """One markdown row for the point in `workdir` (None if it was never started)."""
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
@@ -59,7 +67,8 @@ def row(setting: str, workdir: str, rate: str) -> str | None:
   test = f"{100 * results['test_accuracy']:.2f}" if results else "-"
   dead = ""
   if results and state == "dead":
-    dead = ", ".join(f"{k} {100 * v:.0f}%" for k, v in results["dead_relu_fraction"].items())
+    fractions = sorted(results["dead_relu_fraction"].items(), key=lambda kv: layer_order(kv[0]))
+    dead = ", ".join(f"{k} {100 * v:.0f}%" for k, v in fractions)
   secs = f"{results['wall_time_sec']:.0f}" if results else "-"
   return f"| {setting} | {rate} | {losses} | {vals} | {test} | {state} | {secs} | {dead} |"
 
