@@ -65,22 +65,15 @@ class TrainState(struct.PyTreeNode):
 # ----------------------------------------------------------------------------- optimizer
 
 
-def segment_rates(opt: ml_collections.ConfigDict) -> list[float]:
-  """The rate of each segment between boundaries: `learning_rates`, or the base rate decayed."""
-  if opt.learning_rates:
-    return [float(r) for r in opt.learning_rates]
-  return [opt.learning_rate * opt.decay_factor ** i for i in range(len(opt.boundaries) + 1)]
-
-
 def make_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
   """A constant rate per segment, changing at each boundary epoch (counted in steps, rounded;
   fractional epochs allowed), after an optional linear warm-up."""
-  rates = segment_rates(opt)
-  scales = ([new / old for old, new in zip(rates, rates[1:], strict=False)]
-            if opt.learning_rates else [opt.decay_factor] * len(opt.boundaries))
+  rates = [float(r) for r in opt.learning_rates]  # when set, rates[0] == learning_rate (checked)
+  scales = ([new / old for old, new in zip(rates, rates[1:], strict=False)] if rates
+            else [opt.decay_factor] * len(opt.boundaries))
   schedule = optax.piecewise_constant_schedule(
-      rates[0], {int(round(b * steps_per_epoch)): scale
-                 for b, scale in zip(opt.boundaries, scales, strict=True)})
+      opt.learning_rate, {int(round(b * steps_per_epoch)): scale
+                          for b, scale in zip(opt.boundaries, scales, strict=True)})
   warmup_steps = int(round(opt.warmup_epochs * steps_per_epoch))
   if warmup_steps == 0:
     return schedule
