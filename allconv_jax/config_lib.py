@@ -21,7 +21,8 @@ RUN_DEFINING_KEYS = (
     "model.use_bias", "model.padding",
     "data.dataset", "data.label_type", "data.subset", "data.classes", "data.validation_size",
     "data.validate_on_test", "data.source", "data.dir",
-    "data.max_train_examples", "data.preprocessing", "data.gcn_scale", "data.zca_epsilon",
+    "data.max_train_examples", "data.max_train_per_class",
+    "data.preprocessing", "data.gcn_scale", "data.zca_epsilon",
     "transfer.source", "optimizer.freeze", "optimizer.momentum",
 )
 
@@ -29,7 +30,8 @@ RUN_DEFINING_KEYS = (
 # Keys added after runs were already saved, with the value those runs effectively used
 # (before model.padding existed, strided convolutions padded as TF's SAME).
 LEGACY_VALUES = {"model.padding": "tf_same", "model.use_bias": True, "model.init_std": 0.05,
-                 "optimizer.learning_rates": [], "data.validate_on_test": False}
+                 "optimizer.learning_rates": [], "data.validate_on_test": False,
+                 "data.max_train_per_class": 0}
 
 
 def with_legacy_values(saved: dict[str, Any]) -> dict[str, Any]:

@@ -223,7 +223,8 @@ def check_config(data_config: Any) -> None:
       raise UserError(f"data.classes repeats {', '.join(duplicates)}")
     if len(names) < 2:
       raise UserError(f"data.classes needs at least 2 class names (got {classes!r})")
-  for key in ("validation_size", "max_train_examples", "max_test_examples"):
+  for key in ("validation_size", "max_train_examples", "max_train_per_class",
+              "max_test_examples"):
     value = _get(data_config, key, 0)
     if int(value) != value or value < 0:
       raise UserError(f"data.{key} must be an integer >= 0 (got {value})")
@@ -600,6 +601,15 @@ def _select(raw: _Raw, names: tuple[str, ...]) -> _Raw:
   return _Raw(*train, *test, names)
 
 
+def _first_per_class(idx: np.ndarray, labels: np.ndarray, limit: int) -> np.ndarray:
+  """The indices of `idx`, in order, keeping at most `limit` of each label."""
+  rank = np.zeros(len(idx), dtype=np.int64)
+  for label in np.unique(labels[idx]):
+    where = labels[idx] == label
+    rank[where] = np.arange(where.sum())
+  return idx[rank < limit]
+
+
 def load_splits(data_config: Any, seed: int) -> Splits:
   """Reads data.source and returns train/validation/test splits as uint8 HWC images."""
   check_config(data_config)
@@ -630,6 +640,9 @@ def load_splits(data_config: Any, seed: int) -> Splits:
   val_idx, train_idx = order[:val_size], order[val_size:]
   max_train = int(_get(data_config, "max_train_examples", 0))
   max_test = int(_get(data_config, "max_test_examples", 0))
+  per_class = int(_get(data_config, "max_train_per_class", 0))
+  if per_class:
+    train_idx = _first_per_class(train_idx, raw.train_labels, per_class)
   if max_train:
     train_idx = train_idx[:max_train]
   test_images, test_labels = raw.test_images, raw.test_labels

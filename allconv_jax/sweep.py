@@ -18,9 +18,11 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -35,6 +37,7 @@ MAIN_PY = os.path.join(REPO_ROOT, "main.py")
 PAPER_RATES = (0.25, 0.1, 0.05, 0.01)  # the set the paper chose its rates from (section 3.1)
 RATE_KEY = "optimizer.learning_rate"
 OK_STATUSES = ("trained", "skipped")
+INVOCATIONS = "invocations.jsonl"  # one line per main.py run of a point: command, commit, time
 
 
 class Interrupted(Exception):
@@ -217,9 +220,45 @@ def main_command(point: Point) -> list[str]:
           f"--workdir={point.workdir}"]
 
 
+def git_commit() -> str | None:
+  """The repository's HEAD commit, with '+changes' if the working tree differs; None outside git."""
+  try:
+    head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True, timeout=30).stdout.strip()
+    dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "-uno"],
+                           capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return head + ("+changes" if dirty else "")
+
+
+def machine() -> str:
+  """The CPU model, core count and memory of this machine: 'Intel Xeon ..., 2 cores, 24 GiB'."""
+  model = platform.processor() or platform.machine()
+  memory = ""
+  with contextlib.suppress(OSError):
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("model name")), model)
+    with open("/proc/meminfo") as f:
+      kib = int(f.readline().split()[1])
+      memory = f", {kib / 2**20:.0f} GiB"
+  return f"{model}, {os.cpu_count()} cores{memory}"
+
+
+def log_invocation(workdir: str, command: Sequence[str], started: float, returncode: int) -> None:
+  """Appends one main.py invocation (command, commit, machine, wall time) to invocations.jsonl."""
+  record = {"command": " ".join(command), "git_commit": git_commit(), "machine": machine(),
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "wall_sec": round(time.time() - started, 1), "returncode": returncode}
+  with open(os.path.join(workdir, INVOCATIONS), "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
 def run_point(point: Point, child: _Child, echo: Callable[[str], None]) -> tuple[int, str | None]:
   """Runs main.py for a point, echoing and logging its output: (exit status, its error line)."""
   os.makedirs(point.workdir, exist_ok=True)
+  started = time.time()
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   prefix = f"[{point.network} lr{rate_name(point.learning_rate)}]"
   error = None
@@ -243,6 +282,7 @@ def run_point(point: Point, child: _Child, echo: Callable[[str], None]) -> tuple
       if proc.poll() is None:
         proc.kill()
         proc.wait()
+  log_invocation(point.workdir, main_command(point), started, returncode)
   if returncode != 0 and error is None:
     error = f"main.py exited with status {returncode}"
   return returncode, error
@@ -281,6 +321,21 @@ def pick_winners(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any] 
     if best is None or key > (best["best_val_accuracy"], best.get("final_val_accuracy") or -1.0):
       winners[rec["network"]] = rec
   return winners
+
+
+def selection_record(record: dict[str, Any], epochs: int) -> dict[str, Any]:
+  """A point's record judged on its first `epochs` epochs (all of them for 0): best and last
+  validation accuracy from its metrics.jsonl, so a run continued past them is judged the same."""
+  if not epochs or record["status"] not in OK_STATUSES:
+    return record
+  from allconv_jax.train import read_metrics
+
+  metrics = [m for m in read_metrics(os.path.join(record["workdir"], "metrics.jsonl"))
+             if m["epoch"] <= epochs and m.get("val_accuracy") is not None]
+  if not metrics or metrics[-1]["epoch"] != epochs:
+    return {**record, "status": "failed", "error": f"no validation record of epoch {epochs}"}
+  return {**record, "best_val_accuracy": max(m["val_accuracy"] for m in metrics),
+          "final_val_accuracy": metrics[-1]["val_accuracy"]}
 
 
 def summarize(root: str, rates: Sequence[float], overrides: Sequence[str],
@@ -353,6 +408,29 @@ def write_summary(root: str, summary: dict[str, Any]) -> str:
   return text
 
 
+def execute(point: Point, child: _Child, echo: Callable[[str], None], head: str
+            ) -> dict[str, Any]:
+  """Skips a finished point or runs it; its record ('skipped', 'trained', 'interrupted' with
+  returncode None if it never started, or 'failed')."""
+  results = finished_results(point)
+  if results is not None:
+    echo(f"{head}: skipped, finished ({results['epochs']} epochs, validation accuracy "
+         f"{_pct(results.get('best_val_accuracy'))} %) in {point.workdir}")
+    return point_record(point, "skipped", results)
+  if child.stopped:
+    return point_record(point, "interrupted", None, None, "stopped before it started")
+  echo(f"{head}: running main.py in {point.workdir}")
+  returncode, error = run_point(point, child, echo)
+  results = finished_results(point) if returncode == 0 else None
+  if results is not None:
+    return point_record(point, "trained", results, returncode)
+  if child.stopped:
+    return point_record(point, "interrupted", None, returncode, error)
+  error = error or "main.py finished without a matching results.json"
+  echo(f"{head}: failed: {error}")
+  return point_record(point, "failed", None, returncode, error)
+
+
 def run_sweep(config_files: Sequence[str], rates: Sequence[float], root: str,
               overrides: Sequence[str] = (),
               echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -367,32 +445,16 @@ def run_sweep(config_files: Sequence[str], rates: Sequence[float], root: str,
   records: list[dict[str, Any]] = []
   with _forward_signals() as child:
     for i, point in enumerate(points, 1):
-      head = f"[{i}/{len(points)}] {point.network} lr {rate_name(point.learning_rate)}"
-      results = finished_results(point)
-      if results is not None:
-        echo(f"{head}: skipped, finished ({results['epochs']} epochs, validation accuracy "
-             f"{_pct(results.get('best_val_accuracy'))} %) in {point.workdir}")
-        records.append(point_record(point, "skipped", results))
-        continue
-      if child.stopped:
+      name = f"{point.network} lr {rate_name(point.learning_rate)}"
+      record = execute(point, child, echo, f"[{i}/{len(points)}] {name}")
+      started = not (record["status"] == "interrupted" and record["returncode"] is None)
+      if started:
+        records.append(record)
+      if record["status"] != "skipped":
         write_summary(root, summarize(root, rates, overrides, records))
-        raise Interrupted(f"stopped before {point.network} lr {rate_name(point.learning_rate)}; "
-                          "run the same command again to go on")
-      echo(f"{head}: running main.py in {point.workdir}")
-      returncode, error = run_point(point, child, echo)
-      results = finished_results(point) if returncode == 0 else None
-      if results is not None:
-        records.append(point_record(point, "trained", results, returncode))
-      elif child.stopped:
-        records.append(point_record(point, "interrupted", None, returncode, error))
-      else:
-        error = error or "main.py finished without a matching results.json"
-        echo(f"{head}: failed: {error}")
-        records.append(point_record(point, "failed", None, returncode, error))
-      write_summary(root, summarize(root, rates, overrides, records))
       if child.stopped:
-        raise Interrupted(f"stopped during {point.network} lr {rate_name(point.learning_rate)}; "
-                          "run the same command again to resume")
+        raise Interrupted(f"stopped {'during' if started else 'before'} {name}; run the same "
+                          "command again to " + ("resume" if started else "go on"))
   summary = summarize(root, rates, overrides, records)
   echo(write_summary(root, summary).rstrip("\n"))
   return summary

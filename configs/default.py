@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.validation_size = 1000
   config.data.validate_on_test = False
   config.data.max_train_examples = 0
+  config.data.max_train_per_class = 0
   config.data.max_test_examples = 0
   config.data.preprocessing = "gcn_zca"
   config.data.gcn_scale = 55.0

@@ -103,6 +103,7 @@ def test_class_names(overrides, names):
     ({"dataset": "cifar100", "classes": "bus"}, "at least 2"),
     ({"validation_size": -1}, "data.validation_size"),
     ({"max_train_examples": -5}, "data.max_train_examples"),
+    ({"max_train_per_class": -1}, "data.max_train_per_class"),
     ({"max_test_examples": -5}, "data.max_test_examples"),
     ({"translate_pixels": -1}, "data.translate_pixels"),
     ({"gcn_scale": 0.0}, "data.gcn_scale"),
@@ -272,6 +273,18 @@ def test_max_examples_cut_after_the_split(tmp_path):
   np.testing.assert_array_equal(splits.val_images, full.val_images)
   np.testing.assert_array_equal(splits.train_images, full.train_images[:20])
   np.testing.assert_array_equal(splits.test_images, fake.test_images[:3])
+
+
+def test_max_train_per_class_keeps_the_first_of_each_class(tmp_path):
+  cifar_fixtures.make_cifar10(tmp_path, "python", n_train=60, n_test=10)
+  full = ip.load_splits(local(tmp_path, validation_size=15), 2)
+  capped = ip.load_splits(local(tmp_path, validation_size=15, max_train_per_class=2), 2)
+  counts = np.bincount(full.train_labels, minlength=10)
+  assert np.array_equal(np.bincount(capped.train_labels, minlength=10), np.minimum(counts, 2))
+  keep = [i for i, label in enumerate(full.train_labels)
+          if (full.train_labels[:i] == label).sum() < 2]
+  np.testing.assert_array_equal(capped.train_images, full.train_images[keep])
+  np.testing.assert_array_equal(capped.val_images, full.val_images)
 
 
 # ---------------------------------------------------------------------------------------------
