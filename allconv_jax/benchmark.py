@@ -5,7 +5,7 @@
       --config.model.dtype=bfloat16 --config.batch_size=256
 
 No dataset is read: 4 x batch_size random images and labels are put on the device(s) the way
-train.py puts the training set there, and `train.make_steps(...).train_chunk` (--steps SGD
+train.py puts the training set there, and `steps.make_steps(...).train_chunk` (--steps SGD
 steps: one dispatch of a lax.scan on GPU/TPU, a loop of jitted steps on the CPU; the batch
 sharded over every device) is compiled, run --warmup times, then timed --repeats times. The
 last line is `train images/s: <number>` (from the median timed chunk).
@@ -13,15 +13,22 @@ last line is `train images/s: <number>` (from the median timed chunk).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from allconv_jax import cli
+from allconv_jax import cli, config_lib, input_pipeline, models, optim
+from allconv_jax import mesh as mesh_lib
+from allconv_jax import steps as steps_lib
+from allconv_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -71,17 +78,30 @@ def peak_lines(device_kind: str, platform: str, dtype: str, tflops: float) -> li
           f", {tflops / fp32:.1%} of the fp32 non-tensor peak ({fp32:g} TFLOP/s)"]
 
 
-def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-  """Compiles and times train.py's train chunk; returns the numbers (also printed)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
+@dataclasses.dataclass
+class Bench:
+  """What the timed chunks need: the compiled steps, their inputs and the state they advance."""
+  config: Any
+  model: models.AllConvNet
+  fns: steps_lib.Steps
+  inputs: tuple[Any, ...]  # images, labels, batch indices, key
+  state: Any
+  sums: Any
+  num_classes: int
+  devices: int
 
-  from allconv_jax import config_lib, input_pipeline, models, train
-  from allconv_jax.errors import UserError
+  def run(self, fn: Any) -> float:
+    """Seconds for one chunk of `fn` (it advances the state)."""
+    t = time.perf_counter()
+    self.state, self.sums = fn(self.state, self.sums, *self.inputs)
+    jax.block_until_ready((self.state, self.sums))
+    return time.perf_counter() - t
 
+
+def prepare(config: Any, steps: int, seed: int) -> Bench:
+  """Random device-resident data, a fresh state and the run's jitted steps."""
   config_lib.validate(config)
-  mesh = train.make_mesh()
+  mesh = mesh_lib.make_mesh()
   batch = config.batch_size
   if batch % mesh.size:
     raise UserError(f"batch_size ({batch}) must be a multiple of the number of devices "
@@ -90,61 +110,67 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0)
   model = models.create_model(config.model, k)
   pool = 4 * batch
   rng = np.random.default_rng(seed)
-  images = train.replicate(rng.standard_normal((pool, 32, 32, 3), np.float32), mesh)
-  labels = train.replicate(rng.integers(0, k, pool).astype(np.int32), mesh)
-  idx = train.replicate(np.stack([rng.permutation(pool)[:batch] for _ in range(steps)])
-                        .astype(np.int32), mesh)
+  images = mesh_lib.replicate(rng.standard_normal((pool, 32, 32, 3), np.float32), mesh)
+  labels = mesh_lib.replicate(rng.integers(0, k, pool).astype(np.int32), mesh)
+  idx = mesh_lib.replicate(np.stack([rng.permutation(pool)[:batch] for _ in range(steps)])
+                           .astype(np.int32), mesh)
   key = jax.random.key(seed)
   params = models.init_params(model, jax.random.fold_in(key, 1))
   spe = max(1, 50000 // batch)
-  tx = train.make_optimizer(config.optimizer, spe, params)
-  fns = train.make_steps(model, tx, mesh, config, pool, spe)
-  state = train.replicate_tree(
-      train.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params)), mesh)
-  sums = train.replicate_tree(train.zero_metrics(), mesh)
-  train_key = jax.random.fold_in(key, 2)
+  tx = optim.make_optimizer(config.optimizer, spe, params)
+  state = mesh_lib.replicate_tree(
+      optim.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params)), mesh)
+  return Bench(config, model, steps_lib.make_steps(model, tx, mesh, config, pool, spe),
+               (images, labels, idx, jax.random.fold_in(key, 2)), state,
+               mesh_lib.replicate_tree(steps_lib.zero_metrics(), mesh), k, mesh.size)
 
+
+def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0) -> dict[str, Any]:
+  """Compiles and times train.py's train chunk; returns the numbers (also printed)."""
+  bench = prepare(config, steps, seed)
   device = jax.devices()[0]
   print(f"{config.model.name} width x{config.model.width_multiplier:g} "
-        f"({models.count_params(params):,} parameters), {config.model.dtype}, batch {batch}, "
-        f"augment={config.data.augment}, strided input gradient "
-        f"{'polyphase' if model.options.polyphase_grad else 'xla'}, "
-        f"on {mesh.size} x {device.device_kind} "
+        f"({models.count_params(bench.state.params):,} parameters), {config.model.dtype}, "
+        f"batch {config.batch_size}, augment={config.data.augment}, strided input gradient "
+        f"{'polyphase' if bench.model.options.polyphase_grad else 'xla'}, "
+        f"on {bench.devices} x {device.device_kind} "
         f"({device.platform}, jax {jax.__version__})", flush=True)
   if device.platform == "cpu":
     load = os.getloadavg()
     print(f"host: {os.cpu_count()} CPU(s), load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f}", flush=True)
-
-  def run(fn: Any) -> float:
-    nonlocal state, sums
-    t = time.perf_counter()
-    state, sums = fn(state, sums, images, labels, idx, train_key)
-    jax.block_until_ready((state, sums))
-    return time.perf_counter() - t
-
-  chunk = fns.train_chunk
+  chunk = bench.fns.train_chunk
   compile_s = None
   if hasattr(chunk, "lower"):  # one jitted lax.scan (GPU/TPU): compile ahead of time
     t0 = time.perf_counter()
-    chunk = chunk.lower(state, sums, images, labels, idx, train_key).compile()
+    chunk = chunk.lower(bench.state, bench.sums, *bench.inputs).compile()
     compile_s = time.perf_counter() - t0
-  first = run(chunk)  # compiles the jitted step here when the chunk is a loop (CPU)
-  warm = [first] + [run(chunk) for _ in range(warmup - 1)]
-  times = [run(chunk) for _ in range(repeats)]
+  first = bench.run(chunk)  # compiles the jitted step here when the chunk is a loop (CPU)
+  warm = [first] + [bench.run(chunk) for _ in range(warmup - 1)]
+  times = [bench.run(chunk) for _ in range(repeats)]
   chunk_s = statistics.median(times)
   how = "ahead of time"
   if compile_s is None:
     compile_s, how = max(first - chunk_s, 0.0), "first chunk minus a timed one"
-  dispatch = "one dispatch" if hasattr(fns.train_chunk, "lower") else "a loop of jitted steps"
+  dispatch = "one dispatch" if hasattr(bench.fns.train_chunk, "lower") else \
+      "a loop of jitted steps"
   print(f"compile time: {compile_s:.2f} s ({how}; chunk of {steps} steps as {dispatch})",
         flush=True)
   print(f"warm-up: {len(warm)} chunk(s), {', '.join(f'{t:.3f}' for t in warm)} s", flush=True)
-  loss = float(sums["loss"]) / max(float(sums["count"]), 1.0)
-  ips = steps * batch / chunk_s
-  flops = models.train_flops_per_image(config.model.name, config.model.width_multiplier, k)
+  return report_times(bench, steps, times, compile_s, device)
+
+
+def report_times(bench: Bench, steps: int, times: list[float], compile_s: float,
+                 device: Any) -> dict[str, Any]:
+  """Prints the timed chunks, FLOP rates and images/s; returns them."""
+  config = bench.config
+  chunk_s = statistics.median(times)
+  loss = float(bench.sums["loss"]) / max(float(bench.sums["count"]), 1.0)
+  ips = steps * config.batch_size / chunk_s
+  flops = models.train_flops_per_image(config.model.name, config.model.width_multiplier,
+                                       bench.num_classes)
   tflops = flops * ips / 1e12
-  print(f"timed: {repeats} chunk(s) of {steps} steps: "
+  print(f"timed: {len(times)} chunk(s) of {steps} steps: "
         f"{', '.join(f'{t:.3f}' for t in times)} s (median {chunk_s:.3f} s, "
         f"{chunk_s / steps * 1e3:.2f} ms/step); mean train loss {loss:.4f}", flush=True)
   print(f"train FLOPs/image: {flops / 1e9:.4g} GFLOP (3x forward); achieved "
@@ -153,7 +179,7 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0)
     print(line, flush=True)
   print(f"train images/s: {ips:.1f}", flush=True)
   return {"compile_sec": compile_s, "chunk_sec": times, "images_per_sec": ips,
-          "tflops": tflops, "devices": f"{mesh.size} x {device.device_kind}"}
+          "tflops": tflops, "devices": f"{bench.devices} x {device.device_kind}"}
 
 
 def main(argv: list[str]) -> None:

@@ -1,16 +1,11 @@
-"""Orbax checkpoints in `workdir/checkpoints/<step>/`, a workdir lock and atomic JSON files."""
+"""Orbax checkpoints in `workdir/checkpoints/<step>/`: save, prune, verify and restore."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import json
 import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -18,67 +13,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
+from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 
-BEST_FILE = "best_checkpoint.json"
 ITEM = "default"  # the item folder CheckpointManager writes for a single unnamed item
 CHECKSUMS = "allconv_sha256.json"  # in each step folder, written after the step is complete
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically: a temporary file in the same folder, then a rename."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=False)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-
-
-def read_json(path: str) -> Any:
-  """Reads a JSON file; a corrupt one is a UserError naming it."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is corrupt ({e}); delete it or set --config.restart=True") from e
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str) -> Iterator[None]:
-  """Holds an exclusive lock on the workdir; the OS releases it when the process dies.
-
-  Only process 0 of a multi-host run takes it (the others share its workdir).
-  """
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() != 0:
-    yield
-    return
-  path = os.path.join(workdir, ".lock")
-  f = open(path, "a+")  # noqa: SIM115 - held open for the duration of the run
-  try:
-    try:
-      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      owner = f.read().strip() or "unknown"
-      raise UserError(f"another run (pid {owner}) is using workdir {workdir}; wait for it "
-                      "to finish or use another --workdir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    yield
-  finally:
-    f.close()
 
 
 def step_checksums(folder: str) -> dict[str, str]:
@@ -106,21 +45,15 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int = 3) -> None:
     self.workdir = workdir
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = wd.path(os.path.abspath(workdir), wd.CHECKPOINTS)
     self.keep = keep
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                              enable_async_checkpointing=False))
-    path = os.path.join(workdir, BEST_FILE)
+    path = wd.path(workdir, wd.BEST)
     # Kept in memory so that every process of a multi-host run prunes the same steps.
-    self._best: dict[str, Any] | None = read_json(path) if os.path.exists(path) else None
-
-  @staticmethod
-  def has_steps(workdir: str) -> bool:
-    """Whether `workdir/checkpoints` holds any step folder (no orbax needed)."""
-    folder = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
+    self._best: dict[str, Any] | None = wd.read_json(path) if os.path.exists(path) else None
 
   def steps(self) -> list[int]:
     """Finished checkpoint steps, oldest first."""
@@ -135,9 +68,9 @@ class Checkpoints:
     self._best = best
     if jax.process_index() != 0:
       return
-    path = os.path.join(self.workdir, BEST_FILE)
+    path = wd.path(self.workdir, wd.BEST)
     if best is not None:
-      write_json(path, best)
+      wd.write_json(path, best)
     elif os.path.exists(path):
       os.remove(path)
 
@@ -148,7 +81,7 @@ class Checkpoints:
     self.manager.save(step, args=ocp.args.StandardSave(tree))
     self.manager.wait_until_finished()
     if jax.process_index() == 0:
-      write_json(os.path.join(self.directory, str(step), CHECKSUMS),
+      wd.write_json(os.path.join(self.directory, str(step), CHECKSUMS),
                  step_checksums(os.path.join(self.directory, str(step))))
     if best is not None:
       self._set_best({**best, "step": step})
@@ -175,7 +108,7 @@ class Checkpoints:
     if not os.path.isdir(path):
       raise FileNotFoundError(f"{path} is missing")
     if os.path.exists(os.path.join(folder, CHECKSUMS)):  # steps saved before they existed: none
-      if read_json(os.path.join(folder, CHECKSUMS)) != step_checksums(folder):
+      if wd.read_json(os.path.join(folder, CHECKSUMS)) != step_checksums(folder):
         raise ValueError("its files do not match the checksums saved with it")
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(path, abstract)
@@ -200,7 +133,7 @@ class Checkpoints:
           print(f"warning: checkpoint {self.directory}/{step} is unusable ({reason}); trying "
                 "the previous one", file=sys.stderr, flush=True)
           continue
-        aside = os.path.join(self.workdir, "corrupt_checkpoints", str(step))
+        aside = os.path.join(wd.path(self.workdir, wd.CORRUPT), str(step))
         if self._best is not None and self._best["step"] == step:
           self._set_best(None)
         if jax.process_index() == 0:

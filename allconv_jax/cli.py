@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
+import ml_collections
 from absl import flags, logging
+from ml_collections import config_flags
 
+from allconv_jax import config_lib
 from allconv_jax.errors import UserError
+from configs import default
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -54,15 +60,50 @@ def parse_config_flags(argv: list[str]) -> list[str]:
   except SystemExit:
     raise
   except Exception as e:  # noqa: BLE001 - ml_collections raises plain errors for bad overrides
-    from allconv_jax import config_lib
-    from configs import default
+    unknown = unknown_override(argv[1:])
+    fail(unknown or f"could not parse the flags: {type(e).__name__}: {e}")
 
-    known = dict(config_lib.flatten(default.get_config()))
-    for arg in argv[1:]:
-      key = arg.split("=", 1)[0].removeprefix("--config.")
-      if arg.startswith("--config.") and key not in known:
-        fail(f"unknown config key {key!r} in {arg}; see README.md, 'Config keys'")
-    fail(f"could not parse the flags: {type(e).__name__}: {e}")
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(other arguments, --config.a.b=v overrides) of a command line."""
+  rest, overrides = [], []
+  for arg in argv:
+    (overrides if arg.startswith("--config.") else rest).append(arg)
+  return rest, overrides
+
+
+def unknown_override(args: Sequence[str]) -> str | None:
+  """The error line for the first --config.KEY override naming no key of configs/default.py."""
+  known = dict(config_lib.flatten(default.get_config()))
+  for arg in args:
+    key = arg.split("=", 1)[0].removeprefix("--config.")
+    if arg.startswith("--config.") and key not in known:
+      return f"unknown config key {key!r} in {arg}; see README.md, 'Config keys'"
+  return None
+
+
+def config_from_file(config_file: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """The config `--config=FILE OVERRIDES...` gives main.py, validated; UserError if bad."""
+  argv = ["allconv", f"--config={config_file}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  name = os.path.basename(config_file)
+  try:
+    values(argv)
+    config = values.config
+    config.get("model")
+  except flags.Error as e:
+    raise UserError(f"{name}: {str(e).splitlines()[0]}") from None
+  except Exception as e:  # noqa: BLE001 - ml_collections raises plain errors for bad overrides
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raise UserError(unknown_override(overrides) or f"could not load {config_file}: "
+                    f"{lines[-1] if lines else type(e).__name__}") from None
+  try:
+    config_lib.validate(config)
+  except UserError as e:
+    raise UserError(f"{name}: {e}") from None
+  return config
 
 
 def load_config(value: Any) -> Any:
@@ -86,3 +127,18 @@ def signal_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
   finally:
     for s, h in old.items():
       signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+  """Sets an event on SIGTERM/SIGINT (main thread only), so a loop can save and stop."""
+  event = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield event
+    return
+
+  def handler(signum: int, _: Any) -> None:
+    event.set()  # no printing here: the handler may interrupt a print of the main thread
+
+  with signal_handler(handler):
+    yield event

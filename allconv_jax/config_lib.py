@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
 
-from allconv_jax import input_pipeline, models
+from allconv_jax import models
+from allconv_jax.data import cifar
 from allconv_jax.errors import UserError
 from configs import default
 
@@ -103,15 +105,29 @@ def _check_rates(opt: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """All config checks: keys, types, ranges, names (no I/O beyond reading the config)."""
+  """Every config check, once, before any compute: keys, types, ranges and names (no I/O).
+
+  The rest of the code trusts a validated config.
+  """
   check_keys_and_types(config)
-  opt, model, ckpt = config.optimizer, config.model, config.checkpoint
   _require(config.num_epochs >= 1, "num_epochs", "must be >= 1", config.num_epochs)
   _require(config.batch_size >= 1, "batch_size", "must be >= 1", config.batch_size)
   _require(config.eval_batch_size >= 1, "eval_batch_size", "must be >= 1",
            config.eval_batch_size)
   _require(config.log_every_steps >= 1, "log_every_steps", "must be >= 1",
            config.log_every_steps)
+  _require(0 <= config.seed < 2**63, "seed", "must be in [0, 2**63)", config.seed)
+  _check_optimizer(config.optimizer)
+  _check_model(config.model)
+  ckpt = config.checkpoint
+  _require(ckpt.every_epochs >= 1, "checkpoint.every_epochs", "must be >= 1", ckpt.every_epochs)
+  _require(ckpt.keep >= 1, "checkpoint.keep", "must be >= 1", ckpt.keep)
+  _require(config.transfer.checkpoint in ("latest", "best"), "transfer.checkpoint",
+           "must be 'latest' or 'best'", config.transfer.checkpoint)
+  check_data(config.data)
+
+
+def _check_optimizer(opt: ml_collections.ConfigDict) -> None:
   _require(opt.learning_rate > 0, "optimizer.learning_rate", "must be > 0", opt.learning_rate)
   _require(0 <= opt.momentum < 1, "optimizer.momentum", "must be in [0, 1)", opt.momentum)
   _require(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", opt.weight_decay)
@@ -124,33 +140,105 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(all(a < b for a, b in zip(bounds, bounds[1:], strict=False)), "optimizer.boundaries",
            "must be strictly increasing", opt.boundaries)
   _check_rates(opt)
-  models.check_model_name(model.name)
-  _require(0 < model.width_multiplier <= MAX_WIDTH, "model.width_multiplier",
-           f"must be in (0, {MAX_WIDTH}] (wider nets do not fit in memory)",
-           model.width_multiplier)
-  _require(0 <= config.seed < 2**63, "seed", "must be in [0, 2**63)", config.seed)
   try:
     re.compile(opt.freeze)
   except re.error as e:
     raise UserError(f"config key 'optimizer.freeze' is not a regular expression ({e}), "
                     f"got {opt.freeze!r}") from None
+
+
+def _check_model(model: ml_collections.ConfigDict) -> None:
+  models.check_model_name(model.name)
+  _require(0 < model.width_multiplier <= MAX_WIDTH, "model.width_multiplier",
+           f"must be in (0, {MAX_WIDTH}] (wider nets do not fit in memory)",
+           model.width_multiplier)
   _require(0 <= model.input_dropout < 1, "model.input_dropout", "must be in [0, 1)",
            model.input_dropout)
   _require(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)", model.dropout)
-  _require(model.dtype in models.DTYPES, "model.dtype",
-           f"must be one of {', '.join(models.DTYPES)}", model.dtype)
-  _require(model.strided_grad in models.STRIDED_GRADS, "model.strided_grad",
-           f"must be one of {', '.join(models.STRIDED_GRADS)}", model.strided_grad)
-  _require(model.kernel_init in models.KERNEL_INITS, "model.kernel_init",
-           f"must be one of {', '.join(models.KERNEL_INITS)}", model.kernel_init)
+  for key, allowed in (("dtype", models.DTYPES), ("strided_grad", models.STRIDED_GRADS),
+                       ("kernel_init", models.KERNEL_INITS), ("padding", models.PADDINGS)):
+    _require(model[key] in allowed, f"model.{key}", f"must be one of {', '.join(allowed)}",
+             model[key])
   _require(model.init_std > 0, "model.init_std", "must be > 0", model.init_std)
-  _require(model.padding in models.PADDINGS, "model.padding",
-           f"must be one of {', '.join(models.PADDINGS)}", model.padding)
-  _require(ckpt.every_epochs >= 1, "checkpoint.every_epochs", "must be >= 1", ckpt.every_epochs)
-  _require(ckpt.keep >= 1, "checkpoint.keep", "must be >= 1", ckpt.keep)
-  _require(config.transfer.checkpoint in ("latest", "best"), "transfer.checkpoint",
-           "must be 'latest' or 'best'", config.transfer.checkpoint)
-  input_pipeline.check_config(config.data)
+
+
+def _choice(key: str, value: Any, allowed: Sequence[str]) -> None:
+  if value not in allowed:
+    raise UserError(f"unknown data.{key} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def check_data(data_config: Any) -> None:
+  """The data section: names, the class selection, sizes and preprocessing ranges (no I/O)."""
+  source = data_config.source
+  dataset = data_config.dataset
+  label_type = data_config.label_type
+  subset = data_config.subset
+  classes = data_config.classes
+  preprocessing = data_config.preprocessing
+  _choice("source", source, cifar.SOURCES)
+  _choice("dataset", dataset, cifar.DATASETS)
+  _choice("label_type", label_type, cifar.LABEL_TYPES)
+  _choice("preprocessing", preprocessing, cifar.PREPROCESSINGS)
+  _choice("subset", subset, ("",) + tuple(cifar.SUBSETS))
+  if source == "local" and not str(data_config.dir).strip():
+    raise UserError(
+      "data.source=local needs data.dir: the folder that holds "
+      f"{' or '.join(name + '/' for name, *_ in cifar.LAYOUTS[dataset])} (from {cifar.CIFAR_URL})"
+    )
+  if subset and classes:
+    raise UserError(f"set data.subset ({subset!r}) or data.classes ({classes!r}), not both")
+  if subset and (dataset != "cifar100" or label_type != "fine"):
+    raise UserError(
+      f"data.subset={subset} needs data.dataset=cifar100 and data.label_type=fine "
+      f"(got {dataset}, {label_type})"
+    )
+  _check_classes(dataset, label_type, classes)
+  for key in ("validation_size", "max_train_examples", "max_train_per_class",
+              "max_test_examples"):
+    value = data_config[key]
+    if int(value) != value or value < 0:
+      raise UserError(f"data.{key} must be an integer >= 0 (got {value})")
+  if data_config.validate_on_test and data_config.validation_size:
+    raise UserError(
+      f"data.validate_on_test=True uses the test set for validation: set "
+      f"data.validation_size=0 (got {data_config.validation_size})"
+    )
+  translate = data_config.translate_pixels
+  if int(translate) != translate or not 0 <= translate < 32:
+    raise UserError(f"data.translate_pixels must be an integer in [0, 32) (got {translate})")
+  gcn_scale = data_config.gcn_scale
+  if not 0 < gcn_scale < math.inf:
+    raise UserError(f"data.gcn_scale must be a finite number > 0 (got {gcn_scale})")
+  eps = data_config.zca_epsilon
+  if not 0 <= eps < math.inf:
+    raise UserError(f"data.zca_epsilon must be a finite number >= 0 (got {eps})")
+  if preprocessing == "gcn_zca" and eps == 0:
+    raise UserError(
+      "data.zca_epsilon must be > 0 for gcn_zca: GCN makes the covariance singular "
+      "(pylearn2 used 0.1)"
+    )
+
+
+def _check_classes(dataset: str, label_type: str, classes: str) -> None:
+  """data.classes: at least two known, distinct class names of the dataset's label space."""
+  names = cifar.parse_classes(classes)
+  if not names:
+    return
+  base = cifar.base_names(dataset, label_type)
+  space = f"{dataset}" + (f" {label_type}" if dataset == "cifar100" else "")
+  if any(not n for n in names):
+    raise UserError(f"data.classes {classes!r} has an empty name; use a,b,c")
+  unknown = [n for n in names if n not in base]
+  if unknown:
+    raise UserError(
+      f"unknown class names in data.classes for {space}: {', '.join(unknown)} "
+      f"(known: {base[0]}, {base[1]}, ... see allconv_jax/data/cifar.py)"
+    )
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise UserError(f"data.classes repeats {', '.join(duplicates)}")
+  if len(names) < 2:
+    raise UserError(f"data.classes needs at least 2 class names (got {classes!r})")
 
 
 def to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:

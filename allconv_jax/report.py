@@ -22,6 +22,7 @@ import matplotlib
 from absl import app, flags
 
 from allconv_jax import cli, paper, sweep
+from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 
 matplotlib.use("Agg")  # headless; must come before pyplot is imported
@@ -77,8 +78,6 @@ def labels_for(workdirs: Sequence[str], root: str | None = None) -> list[str]:
 
 def load_run(workdir: str, label: str) -> Run:
   """Reads a run's results.json and metrics.jsonl; UserError if the results are missing/bad."""
-  from allconv_jax.train import read_metrics
-
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist")
   path = os.path.join(workdir, "results.json")
@@ -91,7 +90,7 @@ def load_run(workdir: str, label: str) -> Run:
     raise UserError(f"{path} is unreadable: {e}") from None
   if not isinstance(results, dict) or "test_accuracy" not in results:
     raise UserError(f"{path} is not a run's results.json (no test_accuracy)")
-  return Run(label, workdir, results, read_metrics(os.path.join(workdir, "metrics.jsonl")))
+  return Run(label, workdir, results, wd.read_metrics(wd.path(workdir, wd.METRICS)))
 
 
 def load_runs(workdirs: Sequence[str], root: str | None = None) -> list[Run]:
@@ -259,8 +258,7 @@ def write_report(runs: Sequence[Run], out: str) -> str:
     plot_run(run, os.path.join(out, plots[run.label]))
   plot_comparison(runs, os.path.join(out, COMPARISON_PNG))
   path = os.path.join(out, "results.md")
-  with open(path, "w") as f:
-    f.write(results_markdown(runs, plots))
+  wd.write_text(path, results_markdown(runs, plots))
   return path
 
 
@@ -284,7 +282,7 @@ def stage_records(root: str, stage: dict[str, Any], network: str) -> list[dict[s
   records = []
   for rate in stage["learning_rates"]:
     workdir = os.path.join(root, stage["name"], network, f"lr{sweep.rate_name(rate)}")
-    results = sweep.read_results(workdir) or {}
+    results = wd.read_results(workdir) or {}
     record = {"network": network, "learning_rate": rate, "workdir": workdir,
               "status": "trained" if results else "missing", "epochs": results.get("epochs"),
               "best_val_accuracy": results.get("best_val_accuracy"),
@@ -357,8 +355,7 @@ def write_study_report(root: str, out: str) -> str:
     write_report(winners, out)
     lines += ["Per-run curves of the chosen runs: [results.md](results.md).", ""]
   path = os.path.join(out, STUDY_MD)
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+  wd.write_text(path, "\n".join(lines))
   return path
 
 

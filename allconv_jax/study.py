@@ -32,7 +32,7 @@ from typing import Any
 
 from absl import app, flags
 
-from allconv_jax import cli, report, sweep
+from allconv_jax import cli, report, sweep, workdir
 from allconv_jax.errors import UserError
 
 STUDY_JSON = report.STUDY_JSON
@@ -150,7 +150,7 @@ def run_config(stage: Stage, config: str, root: str, flags_: Sequence[str],
     head = f"[{stage.name} {i}/{len(grid)}] {point.network} lr {rate}"
     records.append(sweep.execute(point, child, echo, head))
     if child.stopped:
-      raise sweep.Interrupted(f"stopped in stage {stage.name}; run the same command to go on")
+      raise sweep.SweepInterrupted(f"stopped in stage {stage.name}; run the same command to go on")
   chosen = sweep.pick_winners([sweep.selection_record(r, stage.select_epochs) for r in records])
   best = chosen.get(grid[0].network)
   if best is None:
@@ -162,7 +162,7 @@ def run_config(stage: Stage, config: str, root: str, flags_: Sequence[str],
        f"after {stage.select_epochs} epochs; running it to {final.config.num_epochs}")
   record = sweep.execute(final, child, echo, f"[{stage.name}] {final.network} full run")
   if child.stopped:
-    raise sweep.Interrupted(f"stopped in stage {stage.name}; run the same command to go on")
+    raise sweep.SweepInterrupted(f"stopped in stage {stage.name}; run the same command to go on")
   return record if record["status"] in sweep.OK_STATUSES else None
 
 
@@ -195,8 +195,6 @@ def plan_json(stages: Sequence[Stage], overrides: Sequence[str]) -> dict[str, An
 
 def export(root: str, out: str, plan: dict[str, Any]) -> None:
   """Copies every finished run's small files to OUT (same layout) and regenerates the report."""
-  from allconv_jax import checkpointing
-
   for folder, dirs, files in os.walk(root):
     dirs[:] = sorted(d for d in dirs if d not in report.SKIP_DIRS)
     if "results.json" not in files:
@@ -206,7 +204,7 @@ def export(root: str, out: str, plan: dict[str, Any]) -> None:
     for name in EXPORTED_FILES:
       if name in files:
         shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
-  checkpointing.write_json(os.path.join(out, STUDY_JSON), plan)
+  workdir.write_json(os.path.join(out, STUDY_JSON), plan)
   report.write_study_report(out, out)
 
 
@@ -221,8 +219,7 @@ def run_study(stages: Sequence[Stage], root: str, overrides: Sequence[str] = (),
   plan_all(stages, root, overrides)
   plan = plan_json(stages, overrides)
   os.makedirs(root, exist_ok=True)
-  from allconv_jax import checkpointing
-  checkpointing.write_json(os.path.join(root, STUDY_JSON), plan)
+  workdir.write_json(os.path.join(root, STUDY_JSON), plan)
   outcomes: dict[str, Outcome] = {}
 
   def after_run() -> None:
@@ -249,7 +246,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  rest, overrides = sweep.split_overrides(argv[1:])
+  rest, overrides = cli.split_overrides(argv[1:])
   cli.start(rest)
   fl = flags.FLAGS
   try:
@@ -258,7 +255,7 @@ def main(argv: list[str]) -> None:
         raise UserError("--study and --root are required, e.g. --study=configs/study_reduced.py "
                         "--root=/tmp/allconv/study")
       outcomes = run_study(load_study(fl.study), fl.root, overrides, fl.out)
-  except sweep.Interrupted as e:
+  except sweep.SweepInterrupted as e:
     print(f"interrupted: {e}", file=sys.stderr, flush=True)
     sys.exit(130)
   failed = [f"{name}/{c}" for name, o in outcomes.items() for c in o.failed]

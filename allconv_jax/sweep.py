@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from typing import Any
 import ml_collections
 from absl import app, flags
 
-from allconv_jax import cli
+from allconv_jax import cli, config_lib, workdir
 from allconv_jax.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ OK_STATUSES = ("trained", "skipped")
 INVOCATIONS = "invocations.jsonl"  # one line per main.py run of a point: command, commit, time
 
 
-class Interrupted(Exception):
+class SweepInterrupted(Exception):
   """SIGINT/SIGTERM arrived during a point; main.py saved a checkpoint."""
 
 
@@ -81,14 +82,6 @@ def parse_rates(values: Sequence[str]) -> tuple[float, ...]:
   return tuple(rates)
 
 
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """(other arguments, --config.a.b=v overrides) of a command line."""
-  rest, overrides = [], []
-  for arg in argv:
-    (overrides if arg.startswith("--config.") else rest).append(arg)
-  return rest, overrides
-
-
 def check_overrides(overrides: Sequence[str]) -> None:
   """Overrides must read --config.a.b=value and must not set the swept rate."""
   for arg in overrides:
@@ -108,39 +101,6 @@ def resolve_config_file(path: str) -> str:
   raise UserError(f"config file {path} not found")
 
 
-def load_config(config_file: str, config_flags_: Sequence[str]) -> ml_collections.ConfigDict:
-  """The config main.py would build from `--config=FILE FLAGS...`, validated; UserError if bad."""
-  from ml_collections import config_flags
-
-  from allconv_jax import config_lib
-  from configs import default
-
-  argv = ["sweep", f"--config={config_file}", *config_flags_]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
-                                  lock_config=True, sys_argv=argv)
-  try:
-    values(argv)
-    config = values.config
-    config.get("model")
-  except flags.Error as e:
-    raise UserError(f"{os.path.basename(config_file)}: {str(e).splitlines()[0]}") from None
-  except Exception as e:  # noqa: BLE001 - ml_collections raises plain errors for bad overrides
-    known = dict(config_lib.flatten(default.get_config()))
-    for arg in config_flags_:
-      key = arg.split("=", 1)[0].removeprefix("--config.")
-      if key not in known:
-        raise UserError(f"unknown config key {key!r} in {arg}") from None
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    raise UserError(f"could not load {config_file}: {lines[-1] if lines else type(e).__name__}"
-                    ) from None
-  try:
-    config_lib.validate(config)
-  except UserError as e:
-    raise UserError(f"{os.path.basename(config_file)}: {e}") from None
-  return config
-
-
 def plan(config_files: Sequence[str], rates: Sequence[float], root: str,
          overrides: Sequence[str]) -> list[Point]:
   """Every (config, rate) point, each config loaded and validated before anything runs."""
@@ -157,7 +117,7 @@ def plan(config_files: Sequence[str], rates: Sequence[float], root: str,
     stems[stem] = path
     for rate in rates:
       point_flags = (f"--config.{RATE_KEY}={rate_name(rate)}", *overrides)
-      config = load_config(path, point_flags)
+      config = cli.config_from_file(path, point_flags)
       workdir = os.path.join(os.path.abspath(root), stem, f"lr{rate_name(rate)}")
       points.append(Point(stem, path, float(rate), workdir, point_flags, config))
   return points
@@ -166,21 +126,9 @@ def plan(config_files: Sequence[str], rates: Sequence[float], root: str,
 # ----------------------------------------------------------------------------- running
 
 
-def read_results(workdir: str) -> dict[str, Any] | None:
-  """A workdir's results.json, or None if absent or unreadable."""
-  path = os.path.join(workdir, "results.json")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return None
-
-
 def finished_results(point: Point) -> dict[str, Any] | None:
   """The point's results if its run is finished with the same run-defining settings."""
-  from allconv_jax import config_lib
-
-  results = read_results(point.workdir)
+  results = workdir.read_results(point.workdir)
   if results is None or results.get("epochs", 0) < point.config.num_epochs:
     return None
   saved = results.get("config")
@@ -267,6 +215,8 @@ def run_point(point: Point, child: _Child, echo: Callable[[str], None]) -> tuple
     proc = subprocess.Popen(main_command(point), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1, env=env)
     child.proc = proc
+    if child.stopped:  # the signal came while it was starting
+      proc.send_signal(signal.SIGINT)
     try:
       assert proc.stdout is not None
       for line in proc.stdout:
@@ -328,9 +278,7 @@ def selection_record(record: dict[str, Any], epochs: int) -> dict[str, Any]:
   validation accuracy from its metrics.jsonl, so a run continued past them is judged the same."""
   if not epochs or record["status"] not in OK_STATUSES:
     return record
-  from allconv_jax.train import read_metrics
-
-  metrics = [m for m in read_metrics(os.path.join(record["workdir"], "metrics.jsonl"))
+  metrics = [m for m in workdir.read_metrics(workdir.path(record["workdir"], workdir.METRICS))
              if m["epoch"] <= epochs and m.get("val_accuracy") is not None]
   if not metrics or metrics[-1]["epoch"] != epochs:
     return {**record, "status": "failed", "error": f"no validation record of epoch {epochs}"}
@@ -338,7 +286,7 @@ def selection_record(record: dict[str, Any], epochs: int) -> dict[str, Any]:
           "final_val_accuracy": metrics[-1]["val_accuracy"]}
 
 
-def summarize(root: str, rates: Sequence[float], overrides: Sequence[str],
+def sweep_summary(root: str, rates: Sequence[float], overrides: Sequence[str],
               records: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """The sweep.json contents."""
   winners = pick_winners(records)
@@ -397,14 +345,9 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 def write_summary(root: str, summary: dict[str, Any]) -> str:
   """Writes ROOT/sweep.json and ROOT/sweep.md; returns the markdown."""
-  from allconv_jax import checkpointing
-
   text = to_markdown(summary)
-  checkpointing.write_json(os.path.join(root, "sweep.json"), summary)
-  tmp = os.path.join(root, f".sweep.md.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, os.path.join(root, "sweep.md"))
+  workdir.write_json(os.path.join(root, "sweep.json"), summary)
+  workdir.write_text(os.path.join(root, "sweep.md"), text)
   return text
 
 
@@ -436,7 +379,7 @@ def run_sweep(config_files: Sequence[str], rates: Sequence[float], root: str,
               echo: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or skips) every point, writes sweep.json and sweep.md and returns the summary.
 
-  Raises Interrupted after recording the points done so far if a stop signal arrived.
+  Raises SweepInterrupted after recording the points done so far if a stop signal arrived.
   """
   if os.path.exists(root) and not os.path.isdir(root):
     raise UserError(f"--root {root} exists and is not a folder")
@@ -451,11 +394,11 @@ def run_sweep(config_files: Sequence[str], rates: Sequence[float], root: str,
       if started:
         records.append(record)
       if record["status"] != "skipped":
-        write_summary(root, summarize(root, rates, overrides, records))
+        write_summary(root, sweep_summary(root, rates, overrides, records))
       if child.stopped:
-        raise Interrupted(f"stopped {'during' if started else 'before'} {name}; run the same "
+        raise SweepInterrupted(f"stopped {'during' if started else 'before'} {name}; run the same "
                           "command again to " + ("resume" if started else "go on"))
-  summary = summarize(root, rates, overrides, records)
+  summary = sweep_summary(root, rates, overrides, records)
   echo(write_summary(root, summary).rstrip("\n"))
   return summary
 
@@ -474,12 +417,12 @@ def define_flags() -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing of the sweep's flags; --config.* overrides are passed through untouched."""
-  rest, overrides = split_overrides(argv[1:])
+  rest, overrides = cli.split_overrides(argv[1:])
   return [*cli.parse_flags([argv[0], *rest]), *overrides]
 
 
 def main(argv: list[str]) -> None:
-  rest, overrides = split_overrides(argv[1:])
+  rest, overrides = cli.split_overrides(argv[1:])
   cli.start(rest)
   fl = flags.FLAGS
   try:
@@ -490,7 +433,7 @@ def main(argv: list[str]) -> None:
       if not fl.root:
         raise UserError("--root is required (the folder for the sweep's runs)")
       summary = run_sweep(fl.configs, parse_rates(fl.learning_rates), fl.root, overrides)
-  except Interrupted as e:
+  except SweepInterrupted as e:
     print(f"interrupted: {e}", file=sys.stderr, flush=True)
     sys.exit(130)
   if summary["failed"]:

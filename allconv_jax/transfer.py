@@ -1,4 +1,5 @@
-"""Transfer learning: start a run from another run's checkpoint (the course project's study).
+"""Reading trained runs back, and transfer learning: starting a run from another run's
+checkpoint (the course project's study).
 
 Step 1 (configs/transfer_step1.py): a CIFAR-10 All-CNN-C run's backbone, a new 1x1 class layer
 for a 10-class CIFAR-100 subset, the backbone frozen by `optimizer.freeze`. Step 2
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from allconv_jax import checkpointing, config_lib, input_pipeline, models
+from allconv_jax import checkpointing, config_lib, input_pipeline, models, optim, steps
+from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 
 
@@ -28,21 +30,14 @@ class Source:
   which: str
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-  folder = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(folder):
-    return []
-  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
-
-
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in its workdir; UserError if there is none."""
-  path = os.path.join(workdir, "config.json")
+  path = wd.path(workdir, wd.CONFIG)
   if not os.path.isdir(workdir):
     raise UserError(f"{workdir} does not exist")
   if not os.path.exists(path):
     raise UserError(f"{workdir} is not a run's workdir (no config.json)")
-  return ml_collections.ConfigDict(config_lib.with_legacy_values(checkpointing.read_json(path)))
+  return ml_collections.ConfigDict(config_lib.with_legacy_values(wd.read_json(path)))
 
 
 def check_source(config: ml_collections.ConfigDict) -> Source | None:
@@ -63,13 +58,13 @@ def check_source(config: ml_collections.ConfigDict) -> Source | None:
     if src.model[key] != config.model[key]:
       raise UserError(f"transfer.source {workdir} was trained with model.{key}="
                       f"{src.model[key]}; set model.{key}={src.model[key]}")
-  if not _checkpoint_steps(workdir):
+  if not wd.has_checkpoint_steps(workdir):
     raise UserError(f"transfer.source {workdir} has no checkpoints (train it first)")
   if config.transfer.checkpoint == "best" and not os.path.exists(
-      os.path.join(workdir, checkpointing.BEST_FILE)):
+      wd.path(workdir, wd.BEST)):
     raise UserError(f"transfer.source {workdir} has no best checkpoint (it ran without a "
                     "validation set); use transfer.checkpoint=latest")
-  prep = os.path.join(workdir, "preprocessing.npz")
+  prep = wd.path(workdir, wd.PREPROCESSING)
   if not os.path.exists(prep):
     raise UserError(f"transfer.source {workdir} has no preprocessing.npz")
   if src.data.preprocessing != config.data.preprocessing:
@@ -94,8 +89,6 @@ def check_source(config: ml_collections.ConfigDict) -> Source | None:
 def load_run_params(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict,
                                                                   Any]:
   """(config, params) of a run's newest usable or best checkpoint."""
-  from allconv_jax import train  # the train state layout lives there
-
   workdir = os.path.abspath(workdir)
   config = read_run_config(workdir)
   model = models.create_model(config.model, input_pipeline.num_classes(config.data))
@@ -103,9 +96,9 @@ def load_run_params(workdir: str, which: str = "latest") -> tuple[ml_collections
 
   def abstract_state() -> Any:
     params = models.init_params(model, jax.random.key(0))
-    tx = train.make_optimizer(config.optimizer, 1, params)
-    return {"state": train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)),
-            "sums": train.zero_metrics()}
+    tx = optim.make_optimizer(config.optimizer, 1, params)
+    return {"state": optim.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)),
+            "sums": steps.zero_metrics()}
 
   target = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
@@ -141,3 +134,11 @@ def initial_params(source: Source, config: ml_collections.ConfigDict, fresh: Any
                       f"({a.shape} vs {b.shape})")
   classifier = fresh["classifier"] if config.transfer.new_classifier else src["classifier"]
   return {"backbone": src["backbone"], "classifier": classifier}
+
+
+def restore_run(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict,
+                                                              models.AllConvNet, Any]:
+  """(config, model, params) of a run's newest ('latest') or best checkpoint."""
+  config, params = load_run_params(workdir, which)
+  model = models.create_model(config.model, input_pipeline.num_classes(config.data))
+  return config, model, params

@@ -30,7 +30,7 @@ import matplotlib
 import numpy as np
 from absl import app, flags
 
-from allconv_jax import cli, input_pipeline, models, train
+from allconv_jax import cli, input_pipeline, models, transfer
 from allconv_jax.errors import UserError
 
 matplotlib.use("Agg")  # headless; must come before pyplot is imported
@@ -189,7 +189,7 @@ def visualize(workdir: str, out: str, checkpoint: str = "latest", num_images: in
     raise UserError(f"--unit_objective must be one of {', '.join(UNIT_OBJECTIVES)}")
   if os.path.exists(out) and not os.path.isdir(out):
     raise UserError(f"--out {out} exists and is not a folder")
-  config, model, params = train.restore_run(workdir, checkpoint)
+  config, model, params = transfer.restore_run(workdir, checkpoint)
   keys: tuple[str, ...] = ()
   if layer:
     layer, keys = resolve_layer(layer_paths(model, params), layer)

@@ -17,7 +17,7 @@ import pickle
 
 import numpy as np
 
-from allconv_jax import input_pipeline
+from allconv_jax.data import cifar
 
 CIFAR10_FOLDERS = {"python": "cifar-10-batches-py", "binary": "cifar-10-batches-bin"}
 CIFAR100_FOLDERS = {"python": "cifar-100-python", "binary": "cifar-100-binary"}
@@ -67,7 +67,7 @@ def write_cifar10(
   train_labels: np.ndarray,
   test_images: np.ndarray,
   test_labels: np.ndarray,
-  label_names: tuple[str, ...] | None = input_pipeline.CIFAR10_CLASSES,
+  label_names: tuple[str, ...] | None = cifar.CIFAR10_CLASSES,
 ) -> str:
   """Writes cifar-10-batches-py/ or cifar-10-batches-bin/ under root; returns that folder."""
   folder = os.path.join(root, CIFAR10_FOLDERS[fmt])
@@ -136,7 +136,7 @@ def write_cifar100(
       labels = np.stack([np.asarray(coarse, np.uint8), np.asarray(fine, np.uint8)], axis=1)
       np.concatenate([labels, to_rows(images)], axis=1).tofile(os.path.join(folder, name + ".bin"))
   if with_meta:
-    fine_names, coarse_names = input_pipeline.CIFAR100_FINE, input_pipeline.CIFAR100_COARSE
+    fine_names, coarse_names = cifar.CIFAR100_FINE, cifar.CIFAR100_COARSE
     if fmt == "python":
       _dump(
         os.path.join(folder, "meta"),
@@ -164,7 +164,7 @@ def make_cifar100(
   root: str | os.PathLike, fmt: str = "python", n_train: int = 300, n_test: int = 100, seed: int = 0
 ) -> FakeCifar:
   """Random CIFAR-100 folder, every fine class present when n >= 100, standard coarse labels."""
-  to_coarse = np.asarray(input_pipeline.CIFAR100_FINE_TO_COARSE)
+  to_coarse = np.asarray(cifar.CIFAR100_FINE_TO_COARSE)
   train_images, test_images = random_images(n_train, seed), random_images(n_test, seed + 1)
   train_fine = balanced_labels(n_train, 100, seed + 2)
   test_fine = balanced_labels(n_test, 100, seed + 3)

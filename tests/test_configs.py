@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from allconv_jax import config_lib, input_pipeline, paper, train
+from allconv_jax import config_lib, input_pipeline, optim, paper
 from tests.helpers import ROOT
 
 
@@ -20,7 +20,8 @@ def load(spec: str):
 
 
 FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-               if not p.endswith("__init__.py"))
+               if not p.endswith("__init__.py")
+               and not os.path.basename(p).startswith("study_"))  # studies: test_study.py
 SPECS = [*FILES, *(f"configs/recipe_course.py:{n}" for n in paper.COURSE_CIFAR10),
          *(f"configs/recipe_course_transfer.py:{s},{c}" for s in ("step1", "step2", "scratch")
            for c in ("class1", "class2")),
@@ -41,7 +42,7 @@ def test_caffe_recipe():
           c.model.padding, c.data.preprocessing, c.data.augment) == (
               256, 0.05, "caffe_xavier", 0.0, "symmetric", "gcn_zca", False)
   steps_per_epoch = 50_000 // 256  # its protocol: all 50,000 images
-  schedule = train.make_schedule(c.optimizer, steps_per_epoch)
+  schedule = optim.make_schedule(c.optimizer, steps_per_epoch)
   bounds = [round(b * steps_per_epoch) for b in c.optimizer.boundaries]
   assert [abs(b - want) < steps_per_epoch for b, want in zip(bounds, (40_000, 50_000, 60_000),
                                                                strict=True)] == [True] * 3
@@ -61,7 +62,7 @@ def test_neon_recipe():
 def test_course_recipe_uses_table3_rates(network):
   c = load(f"configs/recipe_course.py:{network}")
   rates = paper.COURSE_CIFAR10[network][1]
-  schedule = train.make_schedule(c.optimizer, steps_per_epoch=10)
+  schedule = optim.make_schedule(c.optimizer, steps_per_epoch=10)
   got = [float(schedule(e * 10)) for e in (0, 199, 200, 250, 300, 349)]
   assert got == pytest.approx([rates[0], rates[0], rates[1], rates[2], rates[3], rates[3]])
   assert (c.batch_size, c.data.preprocessing, c.data.validation_size, c.model.kernel_init) == (
@@ -75,7 +76,7 @@ def test_course_transfer_recipe():
     assert c.data.subset == "class2" and c.data.validate_on_test and c.batch_size == 4
     assert input_pipeline.num_classes(c.data) == 10
   assert (step1.num_epochs, step2.num_epochs, scratch.num_epochs) == (50, 50, 350)
-  schedule = train.make_schedule(step1.optimizer, steps_per_epoch=10)
+  schedule = optim.make_schedule(step1.optimizer, steps_per_epoch=10)
   assert float(schedule(499)) == pytest.approx(0.025)  # constant over its 50 epochs
   assert step1.optimizer.freeze == "backbone/" and not step2.optimizer.freeze
   assert step2.transfer.source.endswith("course_class2_step1") and not scratch.transfer.source

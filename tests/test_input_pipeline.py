@@ -12,7 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from allconv_jax import config_lib
 from allconv_jax import input_pipeline as ip
+from allconv_jax.data import cifar, preprocessing
 from allconv_jax.errors import UserError
 from configs import default
 from tests import cifar_fixtures
@@ -51,31 +53,33 @@ def expected_order(n: int, seed: int) -> np.ndarray:
 
 
 def test_class_lists():
-  assert len(ip.CIFAR10_CLASSES) == 10 and ip.CIFAR10_CLASSES[0] == "airplane"
-  assert len(set(ip.CIFAR100_FINE)) == 100 and list(ip.CIFAR100_FINE) == sorted(ip.CIFAR100_FINE)
-  assert len(set(ip.CIFAR100_COARSE)) == 20
-  assert list(ip.CIFAR100_COARSE) == sorted(ip.CIFAR100_COARSE)
-  assert np.bincount(ip.CIFAR100_FINE_TO_COARSE, minlength=20).tolist() == [5] * 20
+  assert len(cifar.CIFAR10_CLASSES) == 10 and cifar.CIFAR10_CLASSES[0] == "airplane"
+  fine = cifar.CIFAR100_FINE
+  assert len(set(fine)) == 100 and list(fine) == sorted(fine)
+  assert len(set(cifar.CIFAR100_COARSE)) == 20
+  assert list(cifar.CIFAR100_COARSE) == sorted(cifar.CIFAR100_COARSE)
+  assert np.bincount(cifar.CIFAR100_FINE_TO_COARSE, minlength=20).tolist() == [5] * 20
   coarse_of = {
-    f: ip.CIFAR100_COARSE[c]
-    for f, c in zip(ip.CIFAR100_FINE, ip.CIFAR100_FINE_TO_COARSE, strict=True)
+    f: cifar.CIFAR100_COARSE[c]
+    for f, c in zip(cifar.CIFAR100_FINE, cifar.CIFAR100_FINE_TO_COARSE, strict=True)
   }
   assert coarse_of["bus"] == "vehicles_1" and coarse_of["streetcar"] == "vehicles_2"
   assert coarse_of["maple_tree"] == "trees" and coarse_of["keyboard"].startswith("household_elec")
   for subset in ("class1", "class2"):
-    assert len(set(ip.SUBSETS[subset])) == 10 and set(ip.SUBSETS[subset]) <= set(ip.CIFAR100_FINE)
-  assert not set(ip.SUBSETS["class1"]) & set(ip.SUBSETS["class2"])
+    names = cifar.SUBSETS[subset]
+    assert len(set(names)) == 10 and set(names) <= set(cifar.CIFAR100_FINE)
+  assert not set(cifar.SUBSETS["class1"]) & set(cifar.SUBSETS["class2"])
 
 
 @pytest.mark.parametrize(
   "overrides, names",
   [
-    ({}, ip.CIFAR10_CLASSES),
-    ({"dataset": "cifar10", "label_type": "coarse"}, ip.CIFAR10_CLASSES),  # ignored for cifar10
-    ({"dataset": "cifar100"}, ip.CIFAR100_FINE),
-    ({"dataset": "cifar100", "label_type": "coarse"}, ip.CIFAR100_COARSE),
-    ({"dataset": "cifar100", "subset": "class1"}, ip.SUBSETS["class1"]),
-    ({"dataset": "cifar100", "subset": "class2"}, ip.SUBSETS["class2"]),
+    ({}, cifar.CIFAR10_CLASSES),
+    ({"dataset": "cifar10", "label_type": "coarse"}, cifar.CIFAR10_CLASSES),  # ignored for cifar10
+    ({"dataset": "cifar100"}, cifar.CIFAR100_FINE),
+    ({"dataset": "cifar100", "label_type": "coarse"}, cifar.CIFAR100_COARSE),
+    ({"dataset": "cifar100", "subset": "class1"}, cifar.SUBSETS["class1"]),
+    ({"dataset": "cifar100", "subset": "class2"}, cifar.SUBSETS["class2"]),
     ({"dataset": "cifar100", "classes": "tiger, apple,bus"}, ("tiger", "apple", "bus")),
     ({"classes": "dog,cat"}, ("dog", "cat")),
   ],
@@ -113,16 +117,19 @@ def test_class_names(overrides, names):
   ],
 )
 def test_check_config_errors(overrides, fragment):
-  message = user_error(ip.check_config, data_config(**overrides))
+  message = user_error(config_lib.check_data, data_config(**overrides))
   assert fragment in message
-  # Every entry point validates the config the same way.
-  assert user_error(ip.load_splits, data_config(**overrides), 0) == message
+  # The one full check (config_lib.validate, run before any compute) gives the same line.
+  config = default.get_config()
+  config.data = data_config(**overrides)
+  assert user_error(config_lib.validate, config) == message
 
 
 def test_check_config_accepts_valid():
-  ip.check_config(data_config())
-  ip.check_config(data_config(zca_epsilon=0.0, preprocessing="meanstd"))
-  ip.check_config(data_config(dataset="cifar100", label_type="coarse", classes="trees,people"))
+  config_lib.check_data(data_config())
+  config_lib.check_data(data_config(zca_epsilon=0.0, preprocessing="meanstd"))
+  config_lib.check_data(data_config(dataset="cifar100", label_type="coarse",
+                                    classes="trees,people"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +149,7 @@ def test_cifar10_reads_back_exactly(tmp_path, fmt):
   np.testing.assert_array_equal(splits.test_labels, fake.test_labels)
   assert splits.val_images.shape == (0, 32, 32, 3) and splits.val_labels.shape == (0,)
   assert splits.train_images.dtype == np.uint8 and splits.train_labels.dtype == np.int32
-  assert splits.class_names == ip.CIFAR10_CLASSES
+  assert splits.class_names == cifar.CIFAR10_CLASSES
 
 
 @pytest.mark.parametrize("fmt", ["python", "binary"])
@@ -160,7 +167,7 @@ def test_cifar100_reads_back_exactly(tmp_path, fmt, label_type):
   np.testing.assert_array_equal(splits.train_labels, train_labels[order[30:]])
   np.testing.assert_array_equal(splits.test_images, fake.test_images)
   np.testing.assert_array_equal(splits.test_labels, test_labels)
-  expected_names = ip.CIFAR100_FINE if label_type == "fine" else ip.CIFAR100_COARSE
+  expected_names = cifar.CIFAR100_FINE if label_type == "fine" else cifar.CIFAR100_COARSE
   assert splits.class_names == expected_names
 
 
@@ -182,7 +189,7 @@ def test_pixel_layout_is_rgb_planes(tmp_path):
 def test_dir_may_point_at_the_folder_and_meta_names_are_used(tmp_path):
   images = cifar_fixtures.random_images(12, 0)
   labels = np.arange(12) % 10
-  names = tuple(n.upper() for n in ip.CIFAR10_CLASSES)
+  names = tuple(n.upper() for n in cifar.CIFAR10_CLASSES)
   folder = cifar_fixtures.write_cifar10(tmp_path, "python", images, labels, images, labels, names)
   splits = ip.load_splits(local(folder, validation_size=2), 0)
   assert splits.class_names == names
@@ -194,7 +201,7 @@ def test_without_meta_files_the_standard_names_are_used(tmp_path):
   labels = np.arange(12) % 10
   cifar_fixtures.write_cifar10(tmp_path, "binary", images, labels, images, labels, None)
   assert not os.path.exists(tmp_path / "cifar-10-batches-bin" / "batches.meta.txt")
-  assert ip.load_splits(local(tmp_path, validation_size=2), 0).class_names == ip.CIFAR10_CLASSES
+  assert ip.load_splits(local(tmp_path, validation_size=2), 0).class_names == cifar.CIFAR10_CLASSES
 
 
 def test_python_folder_preferred_and_incomplete_one_skipped(tmp_path):
@@ -218,8 +225,8 @@ def _identify(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
   "overrides, names",
   [
-    ({"subset": "class1"}, ip.SUBSETS["class1"]),
-    ({"subset": "class2"}, ip.SUBSETS["class2"]),
+    ({"subset": "class1"}, cifar.SUBSETS["class1"]),
+    ({"subset": "class2"}, cifar.SUBSETS["class2"]),
     ({"classes": "tiger,apple,bus"}, ("tiger", "apple", "bus")),
   ],
 )
@@ -233,7 +240,7 @@ def test_subsets_remap_labels_in_list_order(tmp_path, overrides, names):
     (splits.val_images, splits.val_labels, fake.train_images, fake.train_labels),
     (splits.test_images, splits.test_labels, fake.test_images, fake.test_labels),
   ]:
-    original = [ip.CIFAR100_FINE[i] for i in ref_fine[_identify(images, ref_images)]]
+    original = [cifar.CIFAR100_FINE[i] for i in ref_fine[_identify(images, ref_images)]]
     assert [names[i] for i in labels] == original
   assert len(splits.train_images) + len(splits.val_images) == 3 * len(names)
   assert np.bincount(splits.test_labels).tolist() == [2] * len(names)
@@ -419,12 +426,12 @@ def test_synthetic_cifar100():
     data_config(source="synthetic", dataset="cifar100", label_type="coarse"), 0
   )
   assert fine.train_labels.max() == 99 and len(fine.train_images) == 4000
-  to_coarse = np.asarray(ip.CIFAR100_FINE_TO_COARSE)
+  to_coarse = np.asarray(cifar.CIFAR100_FINE_TO_COARSE)
   np.testing.assert_array_equal(coarse.test_labels, to_coarse[fine.test_labels])
   sub = ip.load_splits(
     data_config(source="synthetic", dataset="cifar100", subset="class2", validation_size=50), 0
   )
-  assert sub.class_names == ip.SUBSETS["class2"] and len(sub.test_images) == 100
+  assert sub.class_names == cifar.SUBSETS["class2"] and len(sub.test_images) == 100
   assert sorted(set(sub.train_labels.tolist())) == list(range(10))
 
 
@@ -443,7 +450,7 @@ def test_tfds_mock_data():
   np.testing.assert_array_equal(splits.val_images, direct["image"][order[:4]])
   np.testing.assert_array_equal(splits.train_labels, direct["label"][order[4:]])
   assert splits.train_labels.dtype == np.int32 and len(splits.test_images) == 5
-  assert coarse.class_names == ip.CIFAR100_COARSE and coarse.train_labels.max() < 20
+  assert coarse.class_names == cifar.CIFAR100_COARSE and coarse.train_labels.max() < 20
 
 
 def test_tfds_missing(monkeypatch):
@@ -506,7 +513,7 @@ def test_meanstd_and_none():
 def test_gcn_matches_pylearn2_definition():
   rows = cifar_fixtures.random_images(6, 1).reshape(6, -1)
   rows[5] = 17  # a constant image stays zero (divisor below min_divisor -> 1)
-  x = ip._gcn(rows, 55.0)
+  x = preprocessing._gcn(rows, 55.0)
   np.testing.assert_allclose(x.mean(axis=1), 0, atol=1e-12)
   np.testing.assert_allclose(np.linalg.norm(x[:5], axis=1), 55.0, rtol=1e-12)
   np.testing.assert_array_equal(x[5], 0)
@@ -551,15 +558,15 @@ def test_zca_matrix_eigh_and_svd_paths_agree():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(200, 30)) @ rng.normal(size=(30, 30))  # correlated, full rank
   x -= x.mean(axis=0)
-  w_eigh = ip._zca_matrix(None, x.T @ x / 200, 200, 1e-9)
-  w_svd = ip._zca_matrix(x, None, 200, 1e-9)
+  w_eigh = preprocessing._zca_matrix(None, x.T @ x / 200, 200, 1e-9)
+  w_svd = preprocessing._zca_matrix(x, None, 200, 1e-9)
   np.testing.assert_allclose(w_eigh, w_svd, atol=1e-6)
   y = x @ w_eigh
   np.testing.assert_allclose(y.T @ y / 200, np.eye(30), atol=1e-6)
   # epsilon damps the small directions exactly as 1/sqrt(eig + eps)
   eig, vec = np.linalg.eigh(x.T @ x / 200)
   np.testing.assert_allclose(
-    ip._zca_matrix(x, None, 200, 0.5), (vec / np.sqrt(eig + 0.5)) @ vec.T, atol=1e-9
+    preprocessing._zca_matrix(x, None, 200, 0.5), (vec / np.sqrt(eig + 0.5)) @ vec.T, atol=1e-9
   )
 
 
@@ -653,4 +660,4 @@ def test_validate_on_test_uses_the_test_images():
   np.testing.assert_array_equal(splits.val_images, splits.test_images)
   np.testing.assert_array_equal(splits.val_labels, splits.test_labels)
   with pytest.raises(UserError, match="data.validate_on_test=True uses the test set"):
-    ip.check_config(data_config(validate_on_test=True))
+    config_lib.check_data(data_config(validate_on_test=True))

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from allconv_jax import train
+from allconv_jax import workdir as wd
 from tests.helpers import ROOT, run_main, tiny_flags
 
 TIMING = ("images_per_sec", "elapsed_sec")
@@ -29,13 +29,14 @@ RESULT_KEYS = ("test_loss", "test_accuracy", "final_val_accuracy", "best_val_acc
 SCRIPT = """
 import json, sys
 import jax
-from allconv_jax import train
+from allconv_jax import steps, train
+from allconv_jax import workdir as wd
 from tests.helpers import tiny_config
 for arg in sys.argv[1:]:
   workdir, mode = arg.rsplit("=", 1)
-  train.use_scan = lambda: mode == "scan"
+  steps.use_scan = lambda: mode == "scan"
   results = train.train_and_evaluate(tiny_config(), workdir)
-  records = train.read_metrics(workdir + "/metrics.jsonl")
+  records = wd.read_metrics(workdir + "/metrics.jsonl")
   print("RESULT " + json.dumps({"mode": mode, "device_count": jax.device_count(),
                                 "results": results, "records": records}))
 """
@@ -126,7 +127,7 @@ def run_two_processes(workdir: str, *flags: str) -> None:
 
 def read_run(workdir: str) -> dict:
   records = [{k: v for k, v in r.items() if k not in TIMING}
-             for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+             for r in wd.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
   with open(os.path.join(workdir, "results.json")) as f:
     return {"records": records, "results": json.load(f)}
 

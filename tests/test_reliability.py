@@ -10,6 +10,7 @@ import time
 import pytest
 
 from allconv_jax import checkpointing, train
+from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 from tests.helpers import ROOT, run_main, tiny_config, tiny_flags
 
@@ -18,7 +19,7 @@ TIMING = ("images_per_sec", "elapsed_sec")
 
 def metrics(workdir):
   return [{k: v for k, v in r.items() if k not in TIMING}
-          for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+          for r in wd.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def start_main(workdir, *flags):
@@ -67,7 +68,7 @@ def test_sigkill_then_rerun_is_bit_identical(straight, tmp_path):
   assert r.returncode == 0, r.stderr
   assert "resuming from checkpoint step 8" in r.stdout
   assert metrics(str(tmp_path)) == metrics(straight)
-  assert train.read_metrics(str(tmp_path / "metrics.jsonl"))[-1]["epoch"] == EPOCHS
+  assert wd.read_metrics(str(tmp_path / "metrics.jsonl"))[-1]["epoch"] == EPOCHS
 
 
 def test_sigterm_saves_mid_epoch_and_resumes_bit_identical(straight, tmp_path):
@@ -129,7 +130,7 @@ def test_nan_loss_stops_with_epoch_and_rate_and_keeps_the_good_checkpoint(tmp_pa
                          "rate 1e+06; the last good checkpoint (step 8) is kept"), r.stderr
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8"]
   # the failed extension leaves the finished 1-epoch run's results as they were
-  assert checkpointing.read_json(os.path.join(workdir, "results.json"))["epochs"] == 1
+  assert wd.read_json(os.path.join(workdir, "results.json"))["epochs"] == 1
 
 
 def test_dead_network_warning(tmp_path, capsys):
@@ -178,14 +179,14 @@ def test_second_process_on_a_workdir_is_refused(tmp_path):
   finally:
     proc.kill()
     proc.wait()
-  with checkpointing.workdir_lock(str(tmp_path)):  # a killed run leaves no stuck lock
+  with wd.lock(str(tmp_path)):  # a killed run leaves no stuck lock
     pass
 
 
 def test_truncated_metrics_line_is_dropped(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"epoch": 1, "step": 8}\n{"epoch": 2, "st')
-  assert train.read_metrics(str(path)) == [{"epoch": 1, "step": 8}]
+  assert wd.read_metrics(str(path)) == [{"epoch": 1, "step": 8}]
 
 
 def test_fewer_epochs_than_already_trained_is_refused(tmp_path):
@@ -287,11 +288,11 @@ def test_restart_deletes_only_a_runs_workdir_and_only_after_the_data_checks(tmp_
 def test_one_damaged_metrics_line_keeps_the_records_after_it(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   records = [{"epoch": e, "step": 8 * e, "val_accuracy": 0.1 * e} for e in (1, 2, 3)]
-  train.write_metrics(path, records)
+  wd.write_metrics(path, records)
   lines = open(path).read().splitlines()
   lines[1] = lines[1][:9] + "\x00garbage"
   open(path, "w").write("\n".join([*lines, "7", '{"epoch": 4, "st'][:6]) + "\n")
-  assert train.read_metrics(path) == [records[0], records[2]]
+  assert wd.read_metrics(path) == [records[0], records[2]]
 
 
 @pytest.mark.parametrize("key, value", [("source", "local"), ("dir", "/elsewhere")])

@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from allconv_jax import checkpointing, config_lib, models, paper, report, sweep, train, visualize
+from allconv_jax import (
+  cli,
+  config_lib,
+  models,
+  paper,
+  report,
+  sweep,
+  train,
+  visualize,
+)
+from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 from tests.helpers import ROOT, tiny_config, tiny_flags
 
@@ -197,15 +207,15 @@ def test_sweep_skips_a_finished_run(swept):
 
 def fake_point(root, rate, best_val, final_val, test_acc, **config_changes):
   """A finished run's files for configs/all_cnn_c.py (tiny flags) at `rate`, without training."""
-  config = sweep.load_config(ALL_CNN_C, (f"--config.optimizer.learning_rate={rate}",
+  config = cli.config_from_file(ALL_CNN_C, (f"--config.optimizer.learning_rate={rate}",
                                          *sweep_flags()))
   saved = config_lib.to_json(config)
   for key, value in config_changes.items():
     section, name = key.split("__")
     saved[section][name] = value
   workdir = os.path.join(root, "all_cnn_c", f"lr{sweep.rate_name(rate)}")
-  checkpointing.write_json(os.path.join(workdir, "config.json"), saved)
-  checkpointing.write_json(os.path.join(workdir, "results.json"), {
+  wd.write_json(os.path.join(workdir, "config.json"), saved)
+  wd.write_json(os.path.join(workdir, "results.json"), {
       "model": "all_cnn_c", "dataset": "cifar10", "epochs": config.num_epochs,
       "learning_rate": rate, "best_val_accuracy": best_val, "best_epoch": 2,
       "final_val_accuracy": final_val, "test_accuracy": test_acc, "test_loss": 1.0,

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from allconv_jax import config_lib, train
+from allconv_jax import config_lib, optim, train
+from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 from tests.cifar_fixtures import make_cifar10
 from tests.helpers import run_main, tiny_config, tiny_flags
@@ -23,7 +24,7 @@ RECORD_KEYS = {"epoch", "step", "learning_rate", "train_loss", "train_accuracy",
 
 def metrics(workdir):
   return [{k: v for k, v in r.items() if k not in TIMING}
-          for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+          for r in wd.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def results(workdir):
@@ -41,7 +42,7 @@ def straight_run(tmp_path_factory):
 
 def test_end_to_end_synthetic(straight_run):
   workdir, out = straight_run
-  records = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  records = wd.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   assert [r["epoch"] for r in records] == [1, 2]
   assert all(set(r) == RECORD_KEYS for r in records)
   assert records[-1]["step"] == 2 * (256 // 32)
@@ -114,7 +115,7 @@ def test_schedule_steps_down_at_the_boundaries():
   config = tiny_config()
   config.optimizer.learning_rate = 0.05
   config.optimizer.boundaries = (2, 4, 5)
-  schedule = train.make_schedule(config.optimizer, steps_per_epoch=10)
+  schedule = optim.make_schedule(config.optimizer, steps_per_epoch=10)
   got = [float(schedule(s)) for s in (0, 19, 20, 39, 40, 49, 50, 1000)]
   want = [0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005, 0.00005, 0.00005]
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -125,7 +126,7 @@ def test_warmup_rises_linearly_then_joins_the_schedule():
   config.optimizer.learning_rate = 0.1
   config.optimizer.boundaries = (3,)
   config.optimizer.warmup_epochs = 1.0
-  schedule = train.make_schedule(config.optimizer, steps_per_epoch=10)
+  schedule = optim.make_schedule(config.optimizer, steps_per_epoch=10)
   got = [float(schedule(s)) for s in (0, 4, 9, 10, 29, 30)]
   np.testing.assert_allclose(got, [0.01, 0.05, 0.1, 0.1, 0.1, 0.01], rtol=1e-5)
 
@@ -135,7 +136,7 @@ def test_sgd_is_pytorch_style_coupled_weight_decay_with_momentum():
   opt = config.optimizer
   opt.learning_rate, opt.momentum, opt.weight_decay = 0.1, 0.9, 0.001
   params = {"w": jnp.array([1.0, -2.0])}
-  tx = train.make_optimizer(opt, 10, params)
+  tx = optim.make_optimizer(opt, 10, params)
   state = tx.init(params)
   grads = [jnp.array([0.5, 0.25]), jnp.array([-1.0, 2.0])]
   p, buf = np.array([1.0, -2.0]), np.zeros(2)
@@ -152,7 +153,7 @@ def test_freeze_masks_updates_decay_and_momentum_buffers():
   config = tiny_config()
   config.optimizer.freeze = "backbone"
   params = {"backbone": {"conv": {"kernel": jnp.ones(3)}}, "classifier": {"kernel": jnp.ones(2)}}
-  tx = train.make_optimizer(config.optimizer, 10, params)
+  tx = optim.make_optimizer(config.optimizer, 10, params)
   state = tx.init(params)
   leaves = jax.tree_util.tree_leaves(state)
   assert sum(x.size for x in leaves if x.ndim) == 2  # one momentum buffer, the classifier's
@@ -208,12 +209,12 @@ def test_per_segment_rates_and_fractional_boundaries():
   config.optimizer.learning_rates = (0.1, 0.05, 0.01, 0.001)
   config.optimizer.boundaries = (2, 4, 5)
   config_lib.validate(config)
-  schedule = train.make_schedule(config.optimizer, steps_per_epoch=10)
+  schedule = optim.make_schedule(config.optimizer, steps_per_epoch=10)
   got = [float(schedule(s)) for s in (0, 19, 20, 39, 40, 49, 50, 1000)]
   np.testing.assert_allclose(got, [0.1, 0.1, 0.05, 0.05, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
   config.optimizer.learning_rates = ()
   config.optimizer.boundaries = (2.5,)
-  schedule = train.make_schedule(config.optimizer, steps_per_epoch=10)
+  schedule = optim.make_schedule(config.optimizer, steps_per_epoch=10)
   assert [float(schedule(s)) for s in (24, 25)] == pytest.approx([0.1, 0.01])
 
 

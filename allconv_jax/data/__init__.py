@@ -1,0 +1,1 @@
+"""CIFAR metadata, the data sources, preprocessing and augmentation (see input_pipeline)."""

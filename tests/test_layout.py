@@ -1,0 +1,73 @@
+"""The code's shape: imports point one way, functions stay short, the README's code map is true."""
+
+import ast
+import glob
+import os
+import re
+
+from tests.helpers import ROOT
+
+PACKAGE = os.path.join(ROOT, "allconv_jax")
+MAX_FUNCTION_LINES = 65  # "about 60"
+
+
+def modules() -> dict[str, str]:
+  """Dotted module name -> file path, for every module of the package."""
+  out = {}
+  for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    out[rel.removesuffix(".__init__")] = path
+  return out
+
+
+def imports_of(path: str, known: set[str]) -> set[str]:
+  """The package modules a file imports (at any level)."""
+  found = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      found |= {a.name for a in node.names if a.name in known}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      for alias in node.names:
+        name = f"{node.module}.{alias.name}"
+        found.add(name if name in known else node.module)
+  return {m for m in found if m in known and m != "allconv_jax"}
+
+
+def test_no_import_cycles():
+  mods = modules()
+  graph = {m: imports_of(p, set(mods)) - {m} for m, p in mods.items()}
+  state: dict[str, int] = {}
+
+  def visit(m: str, trail: list[str]) -> None:
+    if state.get(m) == 2:
+      return
+    assert state.get(m) != 1, f"import cycle: {' -> '.join(trail + [m])}"
+    state[m] = 1
+    for n in sorted(graph[m]):
+      visit(n, trail + [m])
+    state[m] = 2
+
+  for m in sorted(graph):
+    visit(m, [])
+  assert "allconv_jax.train" not in graph["allconv_jax.transfer"]
+
+
+def test_functions_are_short():
+  long = []
+  for path in modules().values():
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        length = node.end_lineno - node.lineno + 1
+        if length > MAX_FUNCTION_LINES:
+          long.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name} ({length})")
+  assert not long, long
+
+
+def test_the_code_map_names_every_module():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  code_map = readme.split("## Code map", 1)[1].split("\n## ", 1)[0]
+  named = set(re.findall(r"[a-z_]+\.py", code_map))
+  for path in modules().values():
+    name = os.path.basename(path)
+    assert name == "__init__.py" or name in named, f"{name} is missing from the code map"
