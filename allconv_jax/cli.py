@@ -34,11 +34,16 @@ def start(extra_args: Sequence[str]) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-  """A UserError raised inside becomes one `error:` line and exit status 2."""
+  """A UserError, or an OSError (disk full, a folder removed or unwritable), becomes one
+  `error:` line and exit status 2."""
   try:
     yield
   except UserError as e:
     fail(str(e))
+  except OSError as e:
+    where = f" ({e.filename})" if e.filename else ""
+    fail(f"{e.strerror or type(e).__name__}{where}; nothing was left half-written (files are "
+         "replaced atomically); fix it and run the same command again")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

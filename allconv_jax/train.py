@@ -81,6 +81,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> transfer.Source 
   input_pipeline.check_available(config.data)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} exists and is not a folder")
+  wd.check_writable(workdir)
   return source
 
 
@@ -133,7 +134,10 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> dict[str
       raise UserError(f"workdir {workdir} holds {', '.join(leftovers)} but no config.json; "
                       "use another --workdir or set --config.restart=True to start over")
     return None
-  saved = wd.read_json(wd.path(workdir, wd.CONFIG))
+  try:
+    saved = wd.read_json(wd.path(workdir, wd.CONFIG))
+  except UserError as e:
+    raise UserError(f"{e}; delete it or set --config.restart=True to start over") from None
   if not (wd.read_metrics(wd.path(workdir, wd.METRICS))
           or os.path.exists(wd.path(workdir, wd.RESULTS)) or wd.has_checkpoint_steps(workdir)):
     # a failed start (say, out of memory) does not bind the corrected rerun; its leftovers

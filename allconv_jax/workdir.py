@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from absl import logging
 
-from allconv_jax.errors import UserError
+from allconv_jax.errors import UserError, one_line
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -85,8 +85,8 @@ def read_json(target: str) -> Any:
   try:
     with open(target) as f:
       return json.load(f)
-  except json.JSONDecodeError as e:
-    raise UserError(f"{target} is corrupt ({e}); delete it or set --config.restart=True") from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{target} is corrupt ({one_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
@@ -147,7 +147,11 @@ def lock(workdir: str, primary: bool = True) -> Iterator[None]:
   if not primary:
     yield
     return
-  f = open(path(workdir, LOCK), "a+")  # noqa: SIM115 - held open for the duration of the run
+  try:
+    f = open(path(workdir, LOCK), "a+")  # noqa: SIM115 - held open for the duration of the run
+  except OSError as e:
+    raise UserError(f"cannot open the lock file {path(workdir, LOCK)} ({e.strerror}); "
+                    "remove it or use another --workdir") from None
   try:
     try:
       fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,6 +167,22 @@ def lock(workdir: str, primary: bool = True) -> Iterator[None]:
     yield
   finally:
     f.close()
+
+
+def check_writable(workdir: str) -> None:
+  """UserError unless `workdir` can be created (or exists) and a file written in it; nothing
+  is left behind (a probe file in the nearest existing folder is removed again)."""
+  folder = os.path.abspath(workdir)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise UserError(f"--workdir {workdir}: {folder} is a file, not a folder")
+  try:
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".allconv-probe-")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--workdir {workdir}: cannot write in {folder} ({e.strerror})") from None
 
 
 def present_outputs(workdir: str) -> list[str]:

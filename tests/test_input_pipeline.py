@@ -14,7 +14,7 @@ import pytest
 
 from allconv_jax import config_lib
 from allconv_jax import input_pipeline as ip
-from allconv_jax.data import cifar, preprocessing
+from allconv_jax.data import cifar, local_files, preprocessing
 from allconv_jax.errors import UserError
 from configs import default
 from tests import cifar_fixtures
@@ -661,3 +661,9 @@ def test_validate_on_test_uses_the_test_images():
   np.testing.assert_array_equal(splits.val_labels, splits.test_labels)
   with pytest.raises(UserError, match="data.validate_on_test=True uses the test set"):
     config_lib.check_data(data_config(validate_on_test=True))
+
+
+def test_float_labels_in_a_data_file_are_refused():
+  with pytest.raises(UserError, match="not whole numbers"):
+    local_files._check_labels("data_batch_1", np.array([0.0, 2.5, 1.0]), 3, 10)
+  assert local_files._check_labels("data_batch_1", np.array([0.0, 2.0]), 2, 10).tolist() == [0, 2]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from allconv_jax import checkpointing, train
+from allconv_jax import checkpointing, cli, train, transfer
 from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 from tests.helpers import ROOT, run_main, tiny_config, tiny_flags
@@ -356,3 +356,51 @@ def test_out_of_range_settings_are_one_line_errors(key, value, message):
   with pytest.raises(UserError) as e:
     config_lib.validate(tiny_config(**{key: value}))
   assert message in str(e.value)
+
+
+# ----------------------------------------------------------------------------- bad surroundings
+
+
+def test_a_workdir_under_a_file_is_one_line(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(UserError, match="is a file, not a folder"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "file" / "run"))
+  assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_unwritable_workdir_is_one_line_and_left_untouched(tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(wd.tempfile, "mkstemp", refuse)  # as under chattr +i, even for root
+  with pytest.raises(UserError, match=r"cannot write in .* \(Permission denied\)"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_lock_that_is_a_folder_is_one_line(tmp_path):
+  (tmp_path / ".lock").mkdir()
+  with pytest.raises(UserError, match="cannot open the lock file"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+
+
+def test_disk_full_or_a_removed_workdir_is_one_line(tmp_path, monkeypatch, capsys):
+  def full(*args, **kwargs):
+    raise OSError(28, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+  monkeypatch.setattr(wd, "append_metrics", full)
+  with pytest.raises(SystemExit) as e, cli.user_errors():
+    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and "\n" not in err
+  assert err.startswith("error: No space left on device") and "metrics.jsonl" in err
+
+
+def test_a_malformed_config_json_suggests_restart_only_to_the_trainer(tmp_path):
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(UserError, match="corrupt.*set --config.restart=True"):
+    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  with pytest.raises(UserError) as info:
+    transfer.restore_run(str(tmp_path))  # what visualize and transfer read
+  assert "corrupt" in str(info.value) and "restart" not in str(info.value)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from allconv_jax import input_pipeline, models, transfer
 from allconv_jax import train as train_lib
+from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 from configs import scratch_subset, transfer_step1, transfer_step2
 from tests.helpers import run_main, tiny_config, tiny_flags
@@ -75,11 +77,25 @@ def test_transfer_reuses_the_source_preprocessing_and_records_the_source(runs):
 
 
 def test_step1_from_best_checkpoint(runs, tmp_path):
-  source, _, _ = runs
+  # A source whose best checkpoint is older than its newest: step 2's run, marked best at its
+  # first epoch. A frozen backbone must then be that older checkpoint's, not the newest's.
+  _, _, step2 = runs
+  source = tmp_path / "source"
+  shutil.copytree(step2, source)
+  first, last = wd.checkpoint_steps(str(source))[0], wd.checkpoint_steps(str(source))[-1]
+  wd.write_json(str(source / wd.BEST), {"epoch": 1, "val_accuracy": 0.5, "step": first})
   out = train_lib.train_and_evaluate(
-      subset_config(num_epochs=1, transfer__source=source, transfer__checkpoint="best",
-                    optimizer__freeze="backbone/"), str(tmp_path))
-  assert out["transfer_source"] == source
+      subset_config(num_epochs=1, transfer__source=str(source), transfer__checkpoint="best",
+                    optimizer__freeze="backbone/"), str(tmp_path / "run"))
+  assert out["transfer_source"] == str(source)
+  _, got = transfer.load_run_params(str(tmp_path / "run"))
+  _, best = transfer.load_run_params(str(source), "best")
+  _, latest = transfer.load_run_params(str(source), "latest")
+  assert first != last
+  for (path, a), (_, b), (_, c) in zip(leaves(got["backbone"]), leaves(best["backbone"]),
+                                       leaves(latest["backbone"]), strict=True):
+    assert np.array_equal(np.asarray(a), np.asarray(b)), path
+    assert not np.array_equal(np.asarray(a), np.asarray(c)), path
 
 
 def test_source_errors(runs, tmp_path):

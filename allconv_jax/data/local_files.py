@@ -146,6 +146,10 @@ def _pickled_batch(
 def _check_labels(path: str, labels: np.ndarray, n: int, k: int) -> np.ndarray:
   if len(labels) != n:
     raise _corrupt(path, f"{len(labels)} labels for {n} images")
+  labels = np.asarray(labels)
+  if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f"
+                                            and np.array_equal(labels, np.round(labels))):
+    raise _corrupt(path, f"labels are not whole numbers (dtype {labels.dtype})")
   if n and (labels.min() < 0 or labels.max() >= k):
     raise _corrupt(path, f"labels outside 0..{k - 1}")
   return labels.astype(np.int32)
