@@ -34,8 +34,8 @@ def start(extra_args: Sequence[str]) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-  """A UserError, or an OSError (disk full, a folder removed or unwritable), becomes one
-  `error:` line and exit status 2."""
+  """A UserError, an OSError (disk full, a folder removed or unwritable) or running out of
+  memory becomes one `error:` line and exit status 2."""
   try:
     yield
   except UserError as e:
@@ -44,6 +44,11 @@ def user_errors() -> Iterator[None]:
     where = f" ({e.filename})" if e.filename else ""
     fail(f"{e.strerror or type(e).__name__}{where}; nothing was left half-written (files are "
          "replaced atomically); fix it and run the same command again")
+  except Exception as e:
+    if "RESOURCE_EXHAUSTED" not in str(e) and not isinstance(e, MemoryError):
+      raise
+    fail("out of memory (RESOURCE_EXHAUSTED): lower batch_size, eval_batch_size or "
+         "model.width_multiplier; a run resumes from its last checkpoint")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

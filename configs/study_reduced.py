@@ -14,8 +14,10 @@ The transfer study keeps the course project's shape on real pixels: an All-CNN-C
 CIFAR-10 classes (SOURCE_CLASSES) is transferred to the other five (TARGET_CLASSES), 500
 training images per class (the size of the course's CIFAR-100 subsets): step 1 trains a new class
 layer on the frozen backbone, step 2 fine-tunes every layer from step 1, and a from-scratch
-baseline. `--study=configs/study_reduced.py:cifar100` runs the same steps on the course's real
-CIFAR-100 subset class1 instead, from a source trained on all of CIFAR-10 (needs CIFAR-100 files).
+baseline; steps 1 and 2 also run without the ReLU after the class layer (the paper's nets have
+one; on a frozen backbone it can silence a new class layer).
+`--study=configs/study_reduced.py:cifar100` runs the same steps on the course's real CIFAR-100
+subset class1 instead, from a source trained on all of CIFAR-10 (needs CIFAR-100 files).
 """
 
 from allconv_jax.study import Stage
@@ -60,5 +62,13 @@ def get_study(arg: str = "") -> list[Stage]:
             ("--config.transfer.source={winner:step1}", *steps), compare="course_transfer"),
       Stage("scratch", ("scratch_subset",), RATES, SCRATCH_SELECT,
             (*schedule(SCRATCH_EPOCHS), *target, *COMMON), compare="course_transfer"),
+      # The paper's ReLU after the class layer can silence a new class layer on a frozen
+      # backbone; the same two steps without it show how much of step 1's result that costs.
+      Stage("step1_no_final_relu", ("transfer_step1",), RATES, 0,
+            ("--config.transfer.source={winner:transfer_source}", "--config.model.final_relu=False",
+             *steps), compare="course_transfer"),
+      Stage("step2_no_final_relu", ("transfer_step2",), RATES, 0,
+            ("--config.transfer.source={winner:step1_no_final_relu}",
+             "--config.model.final_relu=False", *steps), compare="course_transfer"),
       Stage("cifar10", NETWORKS, RATES, SELECT, (*schedule(EPOCHS), *COMMON)),
   ]

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from allconv_jax import benchmark
-from tests.helpers import ROOT
+from allconv_jax import benchmark, steps
+from tests.helpers import ROOT, tiny_config
 
 TINY = ("--config=configs/all_cnn_c.py", "--config.model.width_multiplier=0.05",
         "--config.batch_size=16", "--steps=2", "--repeats=2")
@@ -72,10 +72,7 @@ def test_nominal_peaks() -> None:
 def test_benchmark_scan_path_compiles_ahead_of_time(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
   """The GPU/TPU path (one jitted lax.scan per chunk), forced on the CPU."""
-  from allconv_jax import train
-  from tests.helpers import tiny_config
-
-  monkeypatch.setattr(train, "use_scan", lambda: True)
+  monkeypatch.setattr(steps, "use_scan", lambda: True)
   out = benchmark.benchmark(tiny_config(batch_size=8), steps=2, warmup=1, repeats=1)
   stdout = capsys.readouterr().out
   assert "(ahead of time; chunk of 2 steps as one dispatch)" in stdout

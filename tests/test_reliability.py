@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from allconv_jax import checkpointing, cli, train, transfer
+from allconv_jax import benchmark, checkpointing, cli, train, transfer
 from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 from tests.helpers import ROOT, run_main, tiny_config, tiny_flags
@@ -404,3 +404,14 @@ def test_a_malformed_config_json_suggests_restart_only_to_the_trainer(tmp_path):
   with pytest.raises(UserError) as info:
     transfer.restore_run(str(tmp_path))  # what visualize and transfer read
   assert "corrupt" in str(info.value) and "restart" not in str(info.value)
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+  def exhausted(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
+
+  monkeypatch.setattr(benchmark, "prepare", exhausted)
+  with pytest.raises(SystemExit) as e, cli.user_errors():
+    benchmark.benchmark(tiny_config(), 1, 1, 1)
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.startswith("error: out of memory") and "\n" not in err

@@ -36,7 +36,8 @@ def get_study():
 def test_the_reduced_study_plans_every_run(tmp_path):
   for variant in ("", ":cifar100"):
     stages = study.load_study(STUDY_FILE + variant)
-    assert [s.name for s in stages] == ["transfer_source", "step1", "step2", "scratch", "cifar10"]
+    assert [s.name for s in stages] == ["transfer_source", "step1", "step2", "scratch",
+                                        "step1_no_final_relu", "step2_no_final_relu", "cifar10"]
     study.plan_all(stages, str(tmp_path), ["--config.data.source=synthetic"])
   cifar10 = stages[-1]
   assert len(cifar10.configs) == 12 and cifar10.select_epochs < 200 / 350 * 6
