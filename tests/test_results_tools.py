@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -383,3 +384,24 @@ def test_visualize_writes_png_grids(model_a_run, tmp_path):
 def test_visualize_cli_user_error(tmp_path):
   proc = run_module("visualize", f"--workdir={tmp_path / 'nope'}", f"--out={tmp_path / 'out'}")
   assert_one_line_error(proc, "does not exist")
+
+
+def test_report_with_malformed_files_or_an_unwritable_out_is_one_line(model_a_run, tmp_path,
+                                                                      monkeypatch, capsys):
+  bad = tmp_path / "bad"
+  shutil.copytree(model_a_run, bad, ignore=shutil.ignore_patterns("checkpoints"))
+  (bad / "metrics.jsonl").write_text('{"epoch": 1, "step": 8}\nnot json\n')
+  run = report.load_run(str(bad), "bad")  # a damaged metrics line is skipped, the rest kept
+  assert [m["epoch"] for m in run.metrics] == [1]
+  (bad / "results.json").write_text("{trunc")
+  with pytest.raises(UserError, match="results.json is unreadable"):
+    report.load_run(str(bad), "bad")
+
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(tmp_path / "out" / "results.md"))
+
+  monkeypatch.setattr(report.wd, "write_text", refuse)
+  with pytest.raises(SystemExit) as e, cli.user_errors():
+    report.write_report(report.load_runs([model_a_run]), str(tmp_path / "out"))
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.startswith("error: Permission denied") and "\n" not in err
