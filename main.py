@@ -7,12 +7,26 @@
       --coordinator_address=host0:1234 --num_processes=2 --process_id=0   # and =1 on host1
 """
 
+import os
+import signal
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
 
-from allconv_jax import cli
+def _exit_now(signum: int, _: object) -> None:
+  """SIGINT/SIGTERM outside the training loop: nothing to save; exit 130 at once (an exception
+  raised inside a C++ import or compilation could crash the interpreter instead)."""
+  os.write(2, b"interrupted: stopped outside the training loop (any checkpoint is kept); run "
+           b"the same command again, without --config.restart=True, to resume\n")
+  os._exit(130)
+
+
+signal.signal(signal.SIGINT, _exit_now)
+signal.signal(signal.SIGTERM, _exit_now)
+
+from absl import app, flags  # noqa: E402 - after the handlers: imports take seconds
+from ml_collections import config_flags  # noqa: E402
+
+from allconv_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -52,11 +66,6 @@ def main(argv: list[str]) -> None:
       train.train_and_evaluate(config, FLAGS.workdir)
   except train.Interrupted as e:
     print(f"interrupted: {e}", file=sys.stderr, flush=True)
-    sys.exit(130)
-  except KeyboardInterrupt:
-    again = "without --config.restart=True" if config.restart else "again"
-    print(f"interrupted before training started or after it ended; run the same command {again} "
-          "to resume", file=sys.stderr, flush=True)
     sys.exit(130)
 
 if __name__ == "__main__":

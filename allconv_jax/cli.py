@@ -148,6 +148,9 @@ def stop_on_signals() -> Iterator[threading.Event]:
     return
 
   def handler(signum: int, _: Any) -> None:
+    if event.is_set():  # the second signal: exit now; the last complete checkpoint is kept
+      os.write(2, b"interrupted again: exiting at once; the last complete checkpoint is kept\n")
+      os._exit(130)
     event.set()  # no printing here: the handler may interrupt a print of the main thread
 
   with signal_handler(handler):

@@ -377,12 +377,19 @@ def train_epoch(run_: Training, epoch: int, stop: threading.Event, t_epoch: floa
   idx = run_.steps.epoch_indices(run_.data_key, epoch)
   pos = run_.step - epoch * spe
   images_seen = 0
+  # One dispatch per step anyway on the CPU: look at the stop signal after every step there
+  # (one process: several must agree, which they do at the chunk ends).
+  per_step = not steps.use_scan() and jax.process_count() == 1
   while pos < spe:
     end = min((pos // config.log_every_steps + 1) * config.log_every_steps, spe)
     first_step = run_.step
-    run_.state, run_.sums = run_.steps.train_chunk(
-        run_.state, run_.sums, run_.data.train_images, run_.data.train_labels, idx[pos:end],
-        run_.train_key)
+    for start, stop_at in ([(i, i + 1) for i in range(pos, end)] if per_step else [(pos, end)]):
+      if per_step and stop.is_set():
+        end = start
+        break
+      run_.state, run_.sums = run_.steps.train_chunk(
+          run_.state, run_.sums, run_.data.train_images, run_.data.train_labels,
+          idx[start:stop_at], run_.train_key)
     running = steps.metric_means(run_.sums)
     if not math.isfinite(running["loss"]):
       raise diverged(f"the loss is {running['loss']} in epoch {epoch + 1}",

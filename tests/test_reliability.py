@@ -417,3 +417,40 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
     benchmark.benchmark(tiny_config(), 1, 1, 1)
   err = capsys.readouterr().err.strip()
   assert e.value.code == 2 and err.startswith("error: out of memory") and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+
+def test_a_stop_signal_acts_after_the_current_step_not_the_chunk(tmp_path):
+  # Chunks of 256 steps: before, a stop waited for the chunk's end (step 512); now the CPU loop
+  # looks at the signal after every step.
+  flags = tiny_flags(num_epochs=1, batch_size=2, log_every_steps=256,
+                     data__max_train_examples=4096)
+  proc = start_main(str(tmp_path), *flags)
+  wait_for_line(proc, "step 256/2048")
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  step = int(err.split("stopped at step ")[1].split()[0])
+  assert 256 <= step < 400, (step, out, err)
+  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path}", *flags)
+  assert r.returncode == 0 and f"resuming from checkpoint step {step}" in r.stdout, r.stderr
+
+
+def test_a_signal_during_start_up_exits_130_with_one_line(tmp_path):
+  proc = start_main(str(tmp_path), *tiny_flags())
+  time.sleep(0.3)  # still importing
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err
+  assert err.startswith("interrupted:") and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_second_signal_exits_at_once():
+  code = ("import os, signal, time\nfrom allconv_jax import cli\nwith cli.stop_on_signals() as e:\n"
+          "  os.kill(os.getpid(), signal.SIGINT)\n  assert e.is_set()\n"
+          "  os.kill(os.getpid(), signal.SIGINT)\n  time.sleep(30)\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == 130 and "interrupted again: exiting at once" in r.stderr, r.stderr
