@@ -62,6 +62,7 @@ def check_available(data_config: Any) -> None:
           f"data.source=tfds needs {module}: pip install tensorflow-cpu tensorflow-datasets, "
           "or use data.source=local"
         )
+    tfds_source.check_downloadable(data_config)
 
 
 def _select(raw: Raw, names: tuple[str, ...]) -> Raw:

@@ -143,6 +143,7 @@ def lock(workdir: str, primary: bool = True) -> Iterator[None]:
 
   Only the primary process of a multi-host run takes it (the others share its workdir).
   """
+  created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   if not primary:
     yield
@@ -167,6 +168,9 @@ def lock(workdir: str, primary: bool = True) -> Iterator[None]:
     yield
   finally:
     f.close()
+    if created and os.listdir(workdir) == [LOCK]:  # a run that failed before writing anything
+      os.remove(path(workdir, LOCK))
+      os.rmdir(workdir)
 
 
 def check_writable(workdir: str) -> None:

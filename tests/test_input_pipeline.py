@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import ml_collections
@@ -14,7 +15,7 @@ import pytest
 
 from allconv_jax import config_lib
 from allconv_jax import input_pipeline as ip
-from allconv_jax.data import cifar, local_files, preprocessing
+from allconv_jax.data import cifar, local_files, preprocessing, tfds_source
 from allconv_jax.errors import UserError
 from configs import default
 from tests import cifar_fixtures
@@ -435,9 +436,10 @@ def test_synthetic_cifar100():
   assert sorted(set(sub.train_labels.tolist())) == list(range(10))
 
 
-def test_tfds_mock_data():
+def test_tfds_mock_data(monkeypatch):
   import tensorflow_datasets as tfds
 
+  monkeypatch.setattr(tfds_source, "online", lambda: True)  # mock data: nothing to download
   cfg = data_config(source="tfds", validation_size=4, max_test_examples=5)
   ip.check_available(cfg)
   with tfds.testing.mock_data(num_examples=12):
@@ -451,6 +453,19 @@ def test_tfds_mock_data():
   np.testing.assert_array_equal(splits.train_labels, direct["label"][order[4:]])
   assert splits.train_labels.dtype == np.int32 and len(splits.test_images) == 5
   assert coarse.class_names == cifar.CIFAR100_COARSE and coarse.train_labels.max() < 20
+
+
+def test_tfds_offline_is_one_line_in_seconds_and_creates_nothing(tmp_path, monkeypatch):
+  monkeypatch.setattr(tfds_source, "DOWNLOAD_HOST", ("192.0.2.1", 443))  # TEST-NET: no answer
+  monkeypatch.setattr(tfds_source, "ONLINE_TIMEOUT_SEC", 1.0)
+  started = time.time()
+  message = user_error(ip.check_available, data_config(source="tfds", dir=str(tmp_path / "tfds")))
+  assert time.time() - started < 5
+  assert "offline" in message and "data.source=local" in message
+  assert not (tmp_path / "tfds").exists()
+  (tmp_path / "tfds" / "cifar10" / "3.0.2").mkdir(parents=True)  # prepared: no download needed
+  (tmp_path / "tfds" / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+  ip.check_available(data_config(source="tfds", dir=str(tmp_path / "tfds")))
 
 
 def test_tfds_missing(monkeypatch):

@@ -454,3 +454,13 @@ def test_a_second_signal_exits_at_once():
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                      timeout=60)
   assert r.returncode == 130 and "interrupted again: exiting at once" in r.stderr, r.stderr
+
+
+def test_a_run_that_fails_before_writing_leaves_no_workdir(tmp_path, monkeypatch):
+  def broken(*args, **kwargs):
+    raise UserError("data_batch_3 is truncated")
+
+  monkeypatch.setattr(train.input_pipeline, "load_splits", broken)
+  with pytest.raises(UserError, match="truncated"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # not a folder holding only .lock

@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 import numpy as np
 
 from allconv_jax.data.cifar import CIFAR_URL, Raw, base_names
 from allconv_jax.errors import UserError, one_line
+
+DOWNLOAD_HOST = ("storage.googleapis.com", 443)  # where tfds downloads CIFAR from
+ONLINE_TIMEOUT_SEC = 3.0
+
+
+def prepared(dataset: str, data_dir: str) -> bool:
+  """Whether tfds has `dataset` prepared in `data_dir` (or its default folder)."""
+  root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(
+      os.path.expanduser("~"), "tensorflow_datasets")
+  folder = os.path.join(root, dataset)
+  return os.path.isdir(folder) and any(
+      os.path.isfile(os.path.join(here, "dataset_info.json")) for here, _, _ in os.walk(folder))
+
+
+def online(timeout: float = ONLINE_TIMEOUT_SEC) -> bool:
+  """Whether tfds's download host answers within `timeout` seconds."""
+  try:
+    socket.create_connection(DOWNLOAD_HOST, timeout=timeout).close()
+  except OSError:
+    return False
+  return True
+
+
+def check_downloadable(data_config: Any) -> None:
+  """UserError in seconds, before tfds retries for minutes, if it would have to download
+  offline (nothing is created: no half-made dataset folder)."""
+  if prepared(data_config.dataset, str(data_config.dir)) or online():
+    return
+  raise UserError(
+    f"data.source=tfds would download {data_config.dataset}, but {DOWNLOAD_HOST[0]} did not "
+    f"answer in {ONLINE_TIMEOUT_SEC:g} s (offline?); use data.source=local with data.dir=FOLDER "
+    f"holding the python version from {CIFAR_URL}")
 
 
 def read_tfds(data_config: Any) -> Raw:
