@@ -88,7 +88,8 @@ def unknown_override(args: Sequence[str]) -> str | None:
   for arg in args:
     key = arg.split("=", 1)[0].removeprefix("--config.")
     if arg.startswith("--config.") and key not in known:
-      return f"unknown config key {key!r} in {arg}; see README.md, 'Config keys'"
+      return (f"unknown config key {key!r} in {arg}{config_lib.did_you_mean(key, known)}; "
+              "see README.md, 'Config keys'")
   return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -74,13 +75,20 @@ def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
   reference = dict(flatten(default.get_config()))
   for key, value in flatten(config):
     if key not in reference:
-      raise UserError(f"unknown config key {key!r}; see README.md, 'Config keys'")
+      raise UserError(f"unknown config key {key!r}{did_you_mean(key, reference)}; see README.md, "
+                      "'Config keys'")
     if not _type_ok(value, reference[key]):
       raise UserError(f"config key {key!r} must be a {type(reference[key]).__name__}, "
                       f"got {value!r}")
   for key in reference:
     if key not in dict(flatten(config)):
       raise UserError(f"config lacks key {key!r}; start configs from configs/default.py")
+
+
+def did_you_mean(key: str, known: Any) -> str:
+  """' (did you mean 'a.b'?)' for the closest known key, or ''."""
+  close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+  return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _require(ok: bool, key: str, what: str, value: Any) -> None:

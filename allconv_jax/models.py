@@ -87,6 +87,11 @@ class Dropout:
 Layer = Conv | MaxPool | Dropout
 
 
+def article(name: str) -> str:
+  """'an all_cnn_c', 'a model_a'."""
+  return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
 def scaled_width(width: int, multiplier: float) -> int:
   """A hidden width scaled by the width multiplier, rounded, at least 1."""
   return max(1, int(round(width * multiplier)))

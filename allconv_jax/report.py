@@ -145,12 +145,25 @@ def references(results: dict[str, Any]) -> tuple[str, str]:
   return ("—" if err is None else f"{err:.2f}"), ("—" if course is None else f"{course:.2f}")
 
 
+def data_source(results: dict[str, Any]) -> str:
+  """'tfds', 'local' or 'synthetic' (older results: from the embedded config)."""
+  return str(results.get("data_source")
+             or ((results.get("config") or {}).get("data") or {}).get("source") or "?")
+
+
+def dataset_label(results: dict[str, Any]) -> str:
+  """'CIFAR-10', 'CIFAR-100 (class1)', 'CIFAR-10 (synthetic)' ..."""
+  label = DATASET_NAMES.get(results.get("dataset", ""), str(results.get("dataset")))
+  notes = [str(results["subset"])] if results.get("subset") else []
+  if data_source(results) == "synthetic":
+    notes.append("synthetic")
+  return label + (f" ({', '.join(notes)})" if notes else "")
+
+
 def table_row(run: Run) -> list[str]:
   """One results.md row (see COLUMNS)."""
   r = run.results
-  dataset = DATASET_NAMES.get(r.get("dataset", ""), str(r.get("dataset")))
-  if r.get("subset"):
-    dataset += f" ({r['subset']})"
+  dataset = dataset_label(r)
   width = r.get("width_multiplier", 1.0)
   network = r.get("model", "?") + (f" (width x{width:g})" if width != 1.0 else "")
   best = r.get("best_val_accuracy")
@@ -218,7 +231,7 @@ def plot_run(run: Run, path: str) -> None:
     if not ax.lines[0].get_xdata().size:
       ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
   r = run.results
-  fig.suptitle(f"{run.label}: {r.get('model')} on {r.get('dataset')}, lr "
+  fig.suptitle(f"{run.label}: {r.get('model')} on {dataset_label(r)}, lr "
                f"{r.get('learning_rate', float('nan')):g}, test error "
                f"{100 * (1 - r['test_accuracy']):.2f} %")
   fig.tight_layout()
@@ -297,7 +310,7 @@ def stage_table(root: str, stage: dict[str, Any]) -> tuple[list[str], list[Run]]
   course = stage.get("compare") == "course_transfer"
   reference = ("Course test acc. % (class1 / class2)" if course
                else "Paper test error % (width x1, 350 epochs)")
-  when = f"after {k} epochs" if k else "best epoch"
+  when = f"after epoch {k}" if k else "best epoch"
   lines = ["| Network | " + " | ".join(f"val. % {when}, lr {sweep.rate_name(r)}" for r in rates)
            + " | Chosen lr | Epochs | Best val. % | Test acc. % | Test error % | "
            + reference + " |", "|---" * (len(rates) + 7) + "|"]

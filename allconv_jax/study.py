@@ -159,7 +159,7 @@ def run_config(stage: Stage, config: str, root: str, flags_: Sequence[str],
     return next(r for r in records if r["workdir"] == best["workdir"])
   final = sweep.plan([config], [best["learning_rate"]], stage_root, flags_)[0]
   echo(f"[{stage.name}] {final.network}: lr {sweep.rate_name(final.learning_rate)} chosen "
-       f"after {stage.select_epochs} epochs; running it to {final.config.num_epochs}")
+       f"after epoch {stage.select_epochs}; running it to epoch {final.config.num_epochs}")
   record = sweep.execute(final, child, echo, f"[{stage.name}] {final.network} full run")
   if child.stopped:
     raise sweep.SweepInterrupted(f"stopped in stage {stage.name}; run the same command to go on")

@@ -66,6 +66,17 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def plural(n: int, noun: str) -> str:
+  """'1 epoch', '2 epochs'."""
+  return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def hours_minutes(seconds: float) -> str:
+  """An ETA as h:mm (rounded up to the minute)."""
+  minutes = math.ceil(max(seconds, 0.0) / 60)
+  return f"{minutes // 60}:{minutes % 60:02d}"
+
+
 def primary() -> bool:
   """Whether this is the process that writes the workdir's files."""
   return jax.process_index() == 0
@@ -322,9 +333,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, source: transf
   records = restore(run_)
   log(f"{config.model.name} (width x{config.model.width_multiplier}, {run_.num_params:,} "
       f"parameters) on {config.data.dataset}"
-      f"{' ' + config.data.subset if config.data.subset else ''}: {config.num_epochs} epochs of "
-      f"{run_.steps_per_epoch} steps, batch {config.batch_size}, {mesh.size} device(s) "
-      f"({jax.devices()[0].platform})")
+      f"{' ' + config.data.subset if config.data.subset else ''}: "
+      f"{plural(config.num_epochs, 'epoch')} of {plural(run_.steps_per_epoch, 'step')}, "
+      f"batch {config.batch_size}, {mesh.size} device(s) ({jax.devices()[0].platform})")
   writer = wd.TensorBoard(workdir, enabled=config.tensorboard and primary())
   try:
     train_epochs(run_, records, writer)
@@ -400,7 +411,7 @@ def train_epoch(run_: Training, epoch: int, stop: threading.Event, t_epoch: floa
     eta = (run_.total_steps - run_.step) * config.batch_size / speed
     log(f"epoch {epoch + 1}/{config.num_epochs} step {pos}/{spe}: loss "
         f"{running['loss']:.4f} accuracy {running['accuracy']:.4f}, {speed:.0f} images/s, "
-        f"ETA {eta / 60:.1f} min")
+        f"ETA {hours_minutes(eta)}")
     if should_stop(stop) and pos < spe:
       if not checkpointing.all_finite(run_.state.params):
         raise diverged(f"the parameters are not finite in epoch {epoch + 1}",
@@ -486,6 +497,7 @@ def write_results(run_: Training, source: transfer.Source | None) -> dict[str, A
              key=lambda r: r["val_accuracy"], default=None)
   results = {
       "model": config.model.name, "dataset": config.data.dataset,
+      "data_source": config.data.source, "data_dir": config.data.dir or None,
       "subset": config.data.subset or config.data.classes or None,
       "classes": list(run_.data.class_names), "epochs": config.num_epochs, "steps": run_.step,
       "learning_rate": config.optimizer.learning_rate, "augment": config.data.augment,

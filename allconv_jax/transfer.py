@@ -52,8 +52,9 @@ def check_source(config: ml_collections.ConfigDict) -> Source | None:
   mine = (config.model.name, float(config.model.width_multiplier))
   theirs = (src.model.name, float(src.model.width_multiplier))
   if mine != theirs:
-    raise UserError(f"transfer.source {workdir} holds a {theirs[0]} of width x{theirs[1]:g}; "
-                    f"this config builds a {mine[0]} of width x{mine[1]:g}")
+    raise UserError(f"transfer.source {workdir} holds {models.article(theirs[0])} of width "
+                    f"x{theirs[1]:g}; this config builds {models.article(mine[0])} of width "
+                    f"x{mine[1]:g}")
   for key in ("padding", "use_bias"):
     if src.model[key] != config.model[key]:
       raise UserError(f"transfer.source {workdir} was trained with model.{key}="

@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from allconv_jax import config_lib, input_pipeline, optim, paper
+from allconv_jax import cli, config_lib, input_pipeline, optim, paper
 from tests.helpers import ROOT
 
 
@@ -87,3 +87,11 @@ def test_course_transfer_recipe():
 def test_recipe_arguments_are_checked(spec):
   with pytest.raises(flags.IllegalFlagValueError, match="ValueError"):
     load(spec)
+
+
+def test_a_mistyped_key_gets_a_did_you_mean():
+  assert config_lib.did_you_mean("optimizer.learning_rat", ["optimizer.learning_rate", "seed"]) \
+      == " (did you mean 'optimizer.learning_rate'?)"
+  assert config_lib.did_you_mean("zzz", ["seed"]) == ""
+  assert "did you mean 'model.width_multiplier'" in cli.unknown_override(
+      ["--config.model.width_multiplyer=0.5"])

@@ -297,7 +297,8 @@ def test_report_table_and_plots(swept, model_a_run, tmp_path):
   assert [c[1] for c in cells] == ["model_a (width x0.05)", "all_cnn_c (width x0.05)"]  # paper
   with open(os.path.join(model_a_run, "results.json")) as f:
     res = json.load(f)
-  assert cells[0][2:8] == ["CIFAR-10", "0.01", "1", "no", "meanstd",
+  assert res["data_source"] == "synthetic"  # recorded, and shown beside the dataset
+  assert cells[0][2:8] == ["CIFAR-10 (synthetic)", "0.01", "1", "no", "meanstd",
                            f"{100 * res['best_val_accuracy']:.2f}"]
   assert cells[0][8] == f"{100 * (1 - res['test_accuracy']):.2f}"
   assert cells[0][9:] == ["—", "—"]  # synthetic data: no paper or course reference

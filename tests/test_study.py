@@ -93,7 +93,7 @@ def test_a_tiny_study_end_to_end_with_an_interruption(tmp_path):
   code, text = run_study(root, out, study_file)
   assert code == 0, text
   assert "[source 1/2] all_cnn_c lr 0.05: skipped, finished" in text  # not redone
-  chosen = [line for line in text.splitlines() if "chosen after 1 epochs" in line]
+  chosen = [line for line in text.splitlines() if "chosen after epoch 1" in line]
   assert len(chosen) == 1
   rate = chosen[0].split(" lr ")[1].split()[0]
   winner = root / "source" / "all_cnn_c" / f"lr{rate}"

@@ -234,3 +234,9 @@ def test_fidelity_keys_are_checked(key, value, message):
   with pytest.raises(UserError) as e:
     config_lib.validate(config)
   assert message in str(e.value)
+
+
+def test_console_wording():
+  assert [train.plural(n, "epoch") for n in (1, 2)] == ["1 epoch", "2 epochs"]
+  assert [train.hours_minutes(s) for s in (0, 59, 3600, 3661, 36000)] == [
+      "0:00", "0:01", "1:00", "1:02", "10:00"]

@@ -105,10 +105,11 @@ def test_source_errors(runs, tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(UserError, match="not a run's workdir"):
     transfer.check_source(subset_config(transfer__source=str(tmp_path / "empty")))
-  with pytest.raises(UserError, match="holds a all_cnn_c of width x0.05; this config builds a "
+  with pytest.raises(UserError, match="holds an all_cnn_c of width x0.05; this config builds a "
                                       "model_c of width x0.05"):
     transfer.check_source(subset_config(transfer__source=source, model__name="model_c"))
-  with pytest.raises(UserError, match="width x0.05; this config builds a all_cnn_c of width x0.1"):
+  with pytest.raises(UserError, match="width x0.05; this config builds an all_cnn_c of width "
+                                      "x0.1"):
     transfer.check_source(subset_config(transfer__source=source, model__width_multiplier=0.1))
   with pytest.raises(UserError, match="class layer for 10 classes, this run has 100"):
     transfer.check_source(tiny_config(data__dataset="cifar100", transfer__source=step1,
@@ -127,7 +128,7 @@ def test_wrong_source_through_main_is_one_line(runs, tmp_path):
                            data__dataset="cifar100", data__subset="class1"))
   assert r.returncode != 0
   lines = r.stderr.strip().splitlines()
-  assert len(lines) == 1 and "holds a all_cnn_c of width x0.05" in lines[0], r.stderr
+  assert len(lines) == 1 and "holds an all_cnn_c of width x0.05" in lines[0], r.stderr
   assert not (tmp_path / "w").exists()
 
 
