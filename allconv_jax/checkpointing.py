@@ -33,6 +33,17 @@ def step_checksums(folder: str) -> dict[str, str]:
   return dict(sorted(sums.items()))
 
 
+def os_error(e: BaseException) -> OSError | None:
+  """The OSError behind an exception (orbax wraps them), if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def all_finite(tree: Any) -> bool:
   """Whether every floating-point value in `tree` is finite (checked before each save and
   after each restore)."""
@@ -78,8 +89,14 @@ class Checkpoints:
     """Saves `tree` at `step`; `best` marks it as the best so far. Then prunes old ones."""
     if step in self.steps():
       self.manager.delete(step)
-    self.manager.save(step, args=ocp.args.StandardSave(tree))
-    self.manager.wait_until_finished()
+    try:
+      self.manager.save(step, args=ocp.args.StandardSave(tree))
+      self.manager.wait_until_finished()
+    except Exception as e:
+      cause = os_error(e)
+      if cause is None:
+        raise
+      raise cause from None  # disk full, folder removed: one line (cli.user_errors)
     if jax.process_index() == 0:
       wd.write_json(os.path.join(self.directory, str(step), CHECKSUMS),
                  step_checksums(os.path.join(self.directory, str(step))))

@@ -464,3 +464,24 @@ def test_a_run_that_fails_before_writing_leaves_no_workdir(tmp_path, monkeypatch
   with pytest.raises(UserError, match="truncated"):
     train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()  # not a folder holding only .lock
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "preprocessing"])
+def test_disk_full_writing_a_checkpoint_or_the_statistics_is_one_line(tmp_path, monkeypatch,
+                                                                       capsys, target):
+  def full(*args, **kwargs):
+    try:
+      raise OSError(28, "No space left on device", str(tmp_path / target))
+    except OSError as e:  # as orbax does: its own error around the OSError
+      raise RuntimeError("save failed") from e
+
+  if target == "checkpoint":
+    monkeypatch.setattr(checkpointing.ocp.CheckpointManager, "save", full)
+  else:
+    monkeypatch.setattr(train.input_pipeline, "save_preprocessing",
+                        lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device",
+                                                                 str(tmp_path / target))))
+  with pytest.raises(SystemExit) as e, cli.user_errors():
+    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.startswith("error: No space left on device") and "\n" not in err
