@@ -189,5 +189,10 @@ def main(argv: list[str]) -> None:
     benchmark(config, FLAGS.steps, FLAGS.warmup, FLAGS.repeats, FLAGS.seed)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The program (also the `allconv-benchmark` command)."""
   app.run(main, flags_parser=cli.parse_config_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -264,9 +264,14 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
+def run() -> None:
+  """The program (also the `allconv-study` command)."""
+  define_flags()
+  app.run(main, flags_parser=sweep.parse_flags)
+
+
 if __name__ == "__main__":
   # Run the imported module, not __main__, so that study files' `Stage` is this module's class.
   from allconv_jax import study
 
-  study.define_flags()
-  app.run(study.main, flags_parser=sweep.parse_flags)
+  study.run()

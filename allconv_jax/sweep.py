@@ -442,6 +442,11 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The program (also a console command, see pyproject.toml)."""
   define_flags()
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

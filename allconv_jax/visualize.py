@@ -269,6 +269,11 @@ def main(argv: list[str]) -> None:
     print(path)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The program (also a console command, see pyproject.toml)."""
   define_flags()
   app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+  run()

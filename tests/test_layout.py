@@ -2,8 +2,10 @@
 
 import ast
 import glob
+import importlib
 import os
 import re
+import tomllib
 
 from tests.helpers import ROOT
 
@@ -71,3 +73,12 @@ def test_the_code_map_names_every_module():
   for path in modules().values():
     name = os.path.basename(path)
     assert name == "__init__.py" or name in named, f"{name} is missing from the code map"
+
+
+def test_console_commands_point_at_programs():
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    scripts = tomllib.load(f)["project"]["scripts"]
+  assert {"allconv-train", "allconv-report", "allconv-sweep", "allconv-study"} <= set(scripts)
+  for target in scripts.values():
+    module, _, name = target.partition(":")
+    assert callable(getattr(importlib.import_module(module), name)), target
