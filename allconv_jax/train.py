@@ -292,7 +292,11 @@ def build(config: ml_collections.ConfigDict, workdir: str, source: transfer.Sour
              checkpointing.Checkpoints(workdir, config.checkpoint.keep), data_key, train_key,
              steps_per_epoch, models.count_params(params))
   if source is not None and not run_.ckpts.steps():
-    params = transfer.initial_params(source, config, params)
+    params, step = transfer.initial_params(source, config, params)
+    labels = jax.tree_util.tree_leaves(optim.param_labels(params, config.optimizer.freeze))
+    log(f"transfer: restored the {source.which} checkpoint of {source.workdir} (step {step}): "
+        f"{'a new' if config.transfer.new_classifier else 'its'} class layer; "
+        f"{labels.count('frozen')} arrays frozen, {labels.count('trainable')} trained")
   run_.state = run_.put(optim.TrainState(jnp.zeros((), jnp.int32), params,
                                          jax.jit(tx.init)(params)))
   run_.sums = run_.put(steps.zero_metrics())

@@ -90,6 +90,13 @@ def check_source(config: ml_collections.ConfigDict) -> Source | None:
 def load_run_params(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict,
                                                                   Any]:
   """(config, params) of a run's newest usable or best checkpoint."""
+  config, params, _ = load_run_checkpoint(workdir, which)
+  return config, params
+
+
+def load_run_checkpoint(workdir: str, which: str = "latest") -> tuple[
+    ml_collections.ConfigDict, Any, int]:
+  """(config, params, step) of a run's newest usable or best checkpoint."""
   workdir = os.path.abspath(workdir)
   config = read_run_config(workdir)
   model = models.create_model(config.model, input_pipeline.num_classes(config.data))
@@ -111,7 +118,7 @@ def load_run_params(workdir: str, which: str = "latest") -> tuple[ml_collections
       if best is None:
         raise UserError(f"{workdir} has no best checkpoint")
       try:
-        tree = ckpts.restore(best["step"], target)
+        step, tree = best["step"], ckpts.restore(best["step"], target)
       except Exception as e:  # noqa: BLE001 - a missing or broken checkpoint is the user's to fix
         raise UserError(f"the best checkpoint of {workdir} (step {best['step']}) cannot be "
                         f"read ({type(e).__name__}); use transfer.checkpoint=latest") from None
@@ -119,22 +126,24 @@ def load_run_params(workdir: str, which: str = "latest") -> tuple[ml_collections
       restored = ckpts.restore_newest(target, move_aside=False)
       if restored is None:
         raise UserError(f"{workdir} has no checkpoints")
-      tree = restored[1]
+      step, tree = restored
   finally:
     ckpts.close()
-  return config, tree["state"].params
+  return config, tree["state"].params, step
 
 
-def initial_params(source: Source, config: ml_collections.ConfigDict, fresh: Any) -> Any:
-  """The source's backbone and, unless `transfer.new_classifier`, its class layer too."""
-  _, src = load_run_params(source.workdir, source.which)
+def initial_params(source: Source, config: ml_collections.ConfigDict, fresh: Any) -> tuple[
+    Any, int]:
+  """The source's backbone and, unless `transfer.new_classifier`, its class layer too; and the
+  step of the source checkpoint they come from."""
+  _, src, step = load_run_checkpoint(source.workdir, source.which)
   for a, b in zip(jax.tree_util.tree_leaves(src["backbone"]),
                   jax.tree_util.tree_leaves(fresh["backbone"]), strict=True):
     if a.shape != b.shape:
       raise UserError(f"transfer.source {source.workdir}: backbone shapes differ "
                       f"({a.shape} vs {b.shape})")
   classifier = fresh["classifier"] if config.transfer.new_classifier else src["classifier"]
-  return {"backbone": src["backbone"], "classifier": classifier}
+  return {"backbone": src["backbone"], "classifier": classifier}, step
 
 
 def restore_run(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict,

@@ -166,3 +166,14 @@ def test_reusing_a_class_layer_of_other_classes_is_refused(runs):
                                       r"\.\.\.., this run classifies cifar100 .bus"):
     transfer.check_source(subset_config(transfer__source=source, transfer__new_classifier=False))
   transfer.check_source(subset_config(transfer__source=step1, transfer__new_classifier=False))
+
+
+def test_step1_says_what_it_restored_and_froze(runs, tmp_path, capsys):
+  source, _, _ = runs
+  train_lib.train_and_evaluate(
+      subset_config(num_epochs=1, transfer__source=source, optimizer__freeze="backbone/"),
+      str(tmp_path))
+  out = capsys.readouterr().out
+  steps = wd.checkpoint_steps(source)
+  assert (f"transfer: restored the latest checkpoint of {source} (step {steps[-1]}): a new class "
+          "layer; 16 arrays frozen, 2 trained") in out  # 8 backbone convs, kernel and bias each
