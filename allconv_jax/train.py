@@ -107,7 +107,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       saved = check_resumable(config, workdir)
       results = wd.read_json(wd.path(workdir, wd.RESULTS)) if saved is not None and \
           os.path.exists(wd.path(workdir, wd.RESULTS)) else None
-      if results is not None and results.get("epochs", 0) >= config.num_epochs:
+      if results is not None and results.get("epochs", 0) > config.num_epochs:
+        raise UserError(f"workdir {workdir} holds a finished {results['epochs']}-epoch run, more "
+                        f"than num_epochs={config.num_epochs}; raise num_epochs or use another "
+                        "--workdir")
+      if results is not None and results.get("epochs", 0) == config.num_epochs:
         log(f"run in {workdir} is finished ({results['epochs']} epochs): test accuracy "
             f"{results['test_accuracy']:.4f}, test loss {results['test_loss']:.4f}")
         return results
@@ -117,10 +121,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     splits = input_pipeline.load_splits(config.data, config.seed)  # every data check first
     if config.restart and primary():
       wd.clear(workdir)  # only now that every check has passed
-    return run_training(config, workdir, source, splits)
+      results = None
+    return run_training(config, workdir, source, splits, history(results))
 
 
 # ----------------------------------------------------------------------------- 2. the workdir
+
+
+def history(results: dict[str, Any] | None) -> list[dict[str, Any]]:
+  """The (epochs, learning rate) of each earlier stage of an extended run, oldest first."""
+  if results is None:
+    return []
+  return results.get("history") or [{"epochs": results.get("epochs"),
+                                     "learning_rate": results.get("learning_rate")}]
 
 
 def check_restartable(workdir: str) -> None:
@@ -326,7 +339,7 @@ def restore(run_: Training) -> list[dict[str, Any]]:
 
 
 def run_training(config: ml_collections.ConfigDict, workdir: str, source: transfer.Source | None,
-        splits: input_pipeline.Splits) -> dict[str, Any]:
+                 splits: input_pipeline.Splits, earlier: list[dict[str, Any]]) -> dict[str, Any]:
   """Phases 3 to 6 in a locked, checked workdir."""
   mesh = make_mesh()
   check_batch(config, len(splits.train_labels), mesh)
@@ -351,7 +364,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, source: transf
   finally:
     run_.ckpts.close()
     writer.close()
-  return write_results(run_, source)
+  return write_results(run_, source, earlier)
 
 
 # ----------------------------------------------------------------------------- 5. the epochs
@@ -491,7 +504,8 @@ def dead_relus(run_: Training) -> dict[str, float]:
 # ----------------------------------------------------------------------------- 6. the results
 
 
-def write_results(run_: Training, source: transfer.Source | None) -> dict[str, Any]:
+def write_results(run_: Training, source: transfer.Source | None,
+                  earlier: list[dict[str, Any]]) -> dict[str, Any]:
   """Evaluates the test set and writes results.json (atomically, replacing an older one)."""
   config, test = run_.config, run_.data.test
   t = steps.metric_means(run_.steps.evaluate(run_.state.params, test.images, test.labels,
@@ -516,6 +530,8 @@ def write_results(run_: Training, source: transfer.Source | None) -> dict[str, A
       "devices": f"{run_.mesh.size} x {jax.devices()[0].device_kind}",
       "transfer_source": source.workdir if source else None,
       "dead_relu_fraction": dead_relus(run_),
+      "history": [*earlier, {"epochs": config.num_epochs,
+                             "learning_rate": config.optimizer.learning_rate}],
       "config": config_lib.to_json(config),
   }
   path = wd.path(run_.workdir, wd.RESULTS)

@@ -240,3 +240,13 @@ def test_console_wording():
   assert [train.plural(n, "epoch") for n in (1, 2)] == ["1 epoch", "2 epochs"]
   assert [train.hours_minutes(s) for s in (0, 59, 3600, 3661, 36000)] == [
       "0:00", "0:01", "1:00", "1:02", "10:00"]
+
+
+def test_an_extended_run_keeps_its_rate_history_and_cannot_shrink(tmp_path):
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  out = train.train_and_evaluate(tiny_config(num_epochs=2, optimizer__learning_rate=0.02),
+                                 str(tmp_path))
+  assert out["history"] == [{"epochs": 1, "learning_rate": 0.05},
+                            {"epochs": 2, "learning_rate": 0.02}]
+  with pytest.raises(UserError, match="finished 2-epoch run, more than num_epochs=1"):
+    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
