@@ -15,11 +15,14 @@ from PIL import Image
 from allconv_jax import (
   cli,
   config_lib,
+  evaluate,
+  input_pipeline,
   models,
   paper,
   report,
   sweep,
   train,
+  transfer,
   visualize,
 )
 from allconv_jax import workdir as wd
@@ -406,3 +409,32 @@ def test_report_with_malformed_files_or_an_unwritable_out_is_one_line(model_a_ru
     report.write_report(report.load_runs([model_a_run]), str(tmp_path / "out"))
   err = capsys.readouterr().err.strip()
   assert e.value.code == 2 and err.startswith("error: Permission denied") and "\n" not in err
+
+
+def test_evaluate_reproduces_the_test_accuracy_and_classifies_image_files(model_a_run, tmp_path,
+                                                                          capsys):
+  with open(os.path.join(model_a_run, "results.json")) as f:
+    res = json.load(f)
+  got = evaluate.evaluate_test_set(model_a_run, "latest", str(tmp_path / "eval"))
+  assert got["accuracy"] == pytest.approx(res["test_accuracy"], abs=1e-6)
+  counts = got["confusion"]
+  assert counts.sum() == res["test_images"] and (tmp_path / "eval" / "confusion.png").exists()
+  assert "accuracy" in capsys.readouterr().out
+
+  config, model, params = transfer.restore_run(model_a_run)
+  splits = input_pipeline.load_splits(config.data, config.seed)
+  paths = []
+  for i in range(2):
+    path = str(tmp_path / f"image{i}.png")
+    Image.fromarray(splits.test_images[i]).save(path)
+    paths.append(path)
+  ranked = evaluate.classify(model_a_run, "latest", paths)
+  stats = input_pipeline.load_preprocessing(os.path.join(model_a_run, "preprocessing.npz"))
+  direct = evaluate.probabilities(model, params, stats, splits.test_images[:2])
+  for best, p in zip(ranked, direct, strict=True):
+    assert len(best) == 3 and best[0][0] == splits.class_names[int(p.argmax())]
+    assert best[0][1] == pytest.approx(float(p.max()), rel=1e-5)
+    assert best[0][1] >= best[1][1] >= best[2][1]
+  (tmp_path / "broken.jpg").write_bytes(b"not an image")
+  with pytest.raises(UserError, match="cannot read image .*broken.jpg"):
+    evaluate.classify(model_a_run, "latest", [str(tmp_path / "broken.jpg")])
