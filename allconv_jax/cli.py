@@ -33,6 +33,17 @@ def start(extra_args: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
+def interruptions(*kinds: type[BaseException]) -> Iterator[None]:
+  """One of `kinds` (a stop signal that was handled: a checkpoint is saved) becomes the line
+  `interrupted: ...` and exit status 130."""
+  try:
+    yield
+  except kinds as e:
+    print(f"interrupted: {e}", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+@contextlib.contextmanager
 def user_errors() -> Iterator[None]:
   """A UserError, an OSError (disk full, a folder removed or unwritable) or running out of
   memory becomes one `error:` line and exit status 2."""

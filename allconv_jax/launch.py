@@ -3,7 +3,6 @@
 
 import os
 import signal
-import sys
 
 import jax
 from absl import app, flags
@@ -43,7 +42,7 @@ def main(argv: list[str]) -> None:
   """Checks the flags, then trains (or prints the layer table with --summary)."""
   cli.start(argv[1:])
   config = cli.load_config(FLAGS.config)
-  try:
+  with cli.interruptions(train.Interrupted):
     with cli.user_errors():
       if FLAGS.summary:
         config_lib.validate(config)
@@ -58,9 +57,6 @@ def main(argv: list[str]) -> None:
       if FLAGS.distributed:
         jax.distributed.initialize(*explicit)
       train.train_and_evaluate(config, FLAGS.workdir)
-  except train.Interrupted as e:
-    print(f"interrupted: {e}", file=sys.stderr, flush=True)
-    sys.exit(130)
 
 
 def run() -> None:

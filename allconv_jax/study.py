@@ -249,15 +249,11 @@ def main(argv: list[str]) -> None:
   rest, overrides = cli.split_overrides(argv[1:])
   cli.start(rest)
   fl = flags.FLAGS
-  try:
-    with cli.user_errors():
-      if not fl.study or not fl.root:
-        raise UserError("--study and --root are required, e.g. --study=configs/study_reduced.py "
-                        "--root=/tmp/allconv/study")
-      outcomes = run_study(load_study(fl.study), fl.root, overrides, fl.out)
-  except sweep.SweepInterrupted as e:
-    print(f"interrupted: {e}", file=sys.stderr, flush=True)
-    sys.exit(130)
+  with cli.interruptions(sweep.SweepInterrupted), cli.user_errors():
+    if not fl.study or not fl.root:
+      raise UserError("--study and --root are required, e.g. --study=configs/study_reduced.py "
+                      "--root=/tmp/allconv/study")
+    outcomes = run_study(load_study(fl.study), fl.root, overrides, fl.out)
   failed = [f"{name}/{c}" for name, o in outcomes.items() for c in o.failed]
   if failed:
     print(f"error: no finished run for {', '.join(failed)}", file=sys.stderr, flush=True)

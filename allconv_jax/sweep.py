@@ -425,17 +425,13 @@ def main(argv: list[str]) -> None:
   rest, overrides = cli.split_overrides(argv[1:])
   cli.start(rest)
   fl = flags.FLAGS
-  try:
-    with cli.user_errors():
-      if not fl.configs:
-        raise UserError("--configs is required, e.g. --configs=configs/model_a.py,"
-                        "configs/all_cnn_c.py")
-      if not fl.root:
-        raise UserError("--root is required (the folder for the sweep's runs)")
-      summary = run_sweep(fl.configs, parse_rates(fl.learning_rates), fl.root, overrides)
-  except SweepInterrupted as e:
-    print(f"interrupted: {e}", file=sys.stderr, flush=True)
-    sys.exit(130)
+  with cli.interruptions(SweepInterrupted), cli.user_errors():
+    if not fl.configs:
+      raise UserError("--configs is required, e.g. --configs=configs/model_a.py,"
+                      "configs/all_cnn_c.py")
+    if not fl.root:
+      raise UserError("--root is required (the folder for the sweep's runs)")
+    summary = run_sweep(fl.configs, parse_rates(fl.learning_rates), fl.root, overrides)
   if summary["failed"]:
     print(f"error: {summary['failed']} of {len(summary['points'])} points failed (see "
           f"{os.path.join(fl.root, 'sweep.md')})", file=sys.stderr, flush=True)
