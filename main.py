@@ -1,4 +1,4 @@
-"""Trains and evaluates the All Convolutional Nets.
+r"""Trains and evaluates the All Convolutional Nets.
 
   python main.py --config=configs/all_cnn_c.py --workdir=/tmp/allconv/all_cnn_c \
       --config.optimizer.learning_rate=0.05

@@ -1,4 +1,4 @@
-"""Training throughput: the jitted train chunk of train.py on random device-resident data.
+r"""Training throughput: the jitted train chunk of train.py on random device-resident data.
 
   python -m allconv_jax.benchmark --config=configs/all_cnn_c.py --steps=20
   python -m allconv_jax.benchmark --config=configs/all_cnn_c.py --steps=50 \

@@ -1,4 +1,4 @@
-"""Studies: named sets of runs, each network's rate chosen on validation, run to completion.
+r"""Studies: named sets of runs, each network's rate chosen on validation, run to completion.
 
   python -m allconv_jax.study --study=configs/study_reduced.py --root=/tmp/allconv/study \
       --out=results/reduced [--config.data.source=local --config.data.dir=/tmp/cifar ...]

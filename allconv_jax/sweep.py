@@ -1,4 +1,4 @@
-"""Learning-rate sweep: every config at every rate, then the winning rate per network.
+r"""Learning-rate sweep: every config at every rate, then the winning rate per network.
 
   python -m allconv_jax.sweep --configs=configs/model_a.py,configs/all_cnn_c.py \
       --learning_rates=0.25,0.1,0.05,0.01 --root=/tmp/allconv/sweep [--config.num_epochs=50 ...]

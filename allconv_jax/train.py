@@ -395,12 +395,14 @@ def train_epochs(run_: Training, records: list[dict[str, Any]], writer: wd.Tenso
   with cli.stop_on_signals() as stop:
     for epoch in range(run_.step // run_.steps_per_epoch, run_.config.num_epochs):
       t_epoch = time.time()
-      images_seen = train_epoch(run_, epoch, stop, t_epoch)
+      images_seen = train_epoch(run_, epoch, stop, t_epoch, writer)
       end_epoch(run_, epoch, images_seen, time.time() - t_epoch, watch, writer, stop)
 
 
-def train_epoch(run_: Training, epoch: int, stop: threading.Event, t_epoch: float) -> int:
-  """The SGD steps of one epoch, in chunks of log_every_steps; the images seen."""
+def train_epoch(run_: Training, epoch: int, stop: threading.Event, t_epoch: float,
+                writer: wd.TensorBoard) -> int:
+  """The SGD steps of one epoch, in chunks of log_every_steps (each logged to the console and
+  TensorBoard); the images seen."""
   config, spe = run_.config, run_.steps_per_epoch
   idx = run_.steps.epoch_indices(run_.data_key, epoch)
   pos = run_.step - epoch * spe
@@ -429,6 +431,9 @@ def train_epoch(run_: Training, epoch: int, stop: threading.Event, t_epoch: floa
     log(f"epoch {epoch + 1}/{config.num_epochs} step {pos}/{spe}: loss "
         f"{running['loss']:.4f} accuracy {running['accuracy']:.4f}, {speed:.0f} images/s, "
         f"ETA {hours_minutes(eta)}")
+    writer.write(run_.step, {"running_train_loss": running["loss"],
+                             "running_train_accuracy": running["accuracy"],
+                             "images_per_sec_running": speed})
     if should_stop(stop) and pos < spe:
       if not checkpointing.all_finite(run_.state.params):
         raise diverged(f"the parameters are not finite in epoch {epoch + 1}",

@@ -1,4 +1,4 @@
-"""What a trained network looks at: gradients, the deconvnet rule and guided backpropagation.
+r"""What a trained network looks at: gradients, the deconvnet rule and guided backpropagation.
 
   python -m allconv_jax.visualize --workdir=/tmp/allconv/all_cnn_c --out=/tmp/allconv/vis \
       [--checkpoint=latest|best] [--num_images=4] [--layer=backbone/stage2_conv1 --units=0,1,2]

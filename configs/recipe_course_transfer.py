@@ -1,4 +1,4 @@
-"""The course project's transfer study exactly as it ran (its report's Table 4 and section 3.1).
+r"""The course project's transfer study exactly as it ran (its report's Table 4 and section 3.1).
 
   python main.py --config=configs/recipe_course.py:all_cnn_c --workdir=/tmp/allconv/course_all_cnn_c
   python main.py --config=configs/recipe_course_transfer.py:step1,class1 \

@@ -1,4 +1,4 @@
-"""The paper's protocol as published (Springenberg et al., 2015, section 3.1), for any network.
+r"""The paper's protocol as published (Springenberg et al., 2015, section 3.1), for any network.
 
   python main.py --config=configs/recipe_paper.py:all_cnn_c --workdir=/tmp/allconv/paper_all_cnn_c \
       --config.optimizer.learning_rate=0.05

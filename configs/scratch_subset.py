@@ -1,4 +1,4 @@
-"""The baseline of the transfer study: All-CNN-C from scratch on a 10-class CIFAR-100 subset.
+r"""The baseline of the transfer study: All-CNN-C from scratch on a 10-class CIFAR-100 subset.
 
   python main.py --config=configs/scratch_subset.py --workdir=/tmp/allconv/class1_scratch \
       --config.data.subset=class1

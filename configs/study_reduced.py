@@ -1,4 +1,4 @@
-"""The reduced-scale reproduction: the paper's 12 CIFAR-10 networks and the course's transfer study.
+r"""The reduced-scale reproduction: the paper's 12 CIFAR-10 nets and the course's transfer study.
 
   python -m allconv_jax.study --study=configs/study_reduced.py --root=/tmp/allconv/study_reduced \
       --out=results/study_reduced --config.data.source=local --config.data.dir=/tmp/cifar

@@ -1,4 +1,4 @@
-"""Transfer step 1: a CIFAR-10 All-CNN-C backbone, frozen, with a new class layer for a subset.
+r"""Transfer step 1: a CIFAR-10 All-CNN-C backbone, frozen, with a new class layer for a subset.
 
 The course project's Table 4, step 1: restore the newest checkpoint of a CIFAR-10 All-CNN-C run
 (`transfer.source`; `transfer.checkpoint=best` for its best one), keep every layer but the class

@@ -1,4 +1,4 @@
-"""Transfer step 2: fine-tune every layer of a step-1 run (configs/transfer_step1.py).
+r"""Transfer step 2: fine-tune every layer of a step-1 run (configs/transfer_step1.py).
 
   python main.py --config=configs/transfer_step2.py --workdir=/tmp/allconv/class1_step2 \
       --config.transfer.source=/tmp/allconv/class1_step1 --config.data.subset=class1

@@ -82,3 +82,13 @@ def test_console_commands_point_at_programs():
   for target in scripts.values():
     module, _, name = target.partition(":")
     assert callable(getattr(importlib.import_module(module), name)), target
+
+
+def test_help_texts_keep_their_line_breaks():
+  # absl prints the program's docstring for --help: a backslash-newline in a plain docstring
+  # would join two lines into one with a run of spaces.
+  programs = [os.path.join(ROOT, "main.py"), *glob.glob(os.path.join(ROOT, "configs", "*.py")),
+              *modules().values()]
+  for path in programs:
+    doc = ast.get_docstring(ast.parse(open(path).read()), clean=False) or ""
+    assert not re.search(r"\S {5,}--", doc), f"{path}: {doc[:200]}"

@@ -250,3 +250,32 @@ def test_an_extended_run_keeps_its_rate_history_and_cannot_shrink(tmp_path):
                             {"epochs": 2, "learning_rate": 0.02}]
   with pytest.raises(UserError, match="finished 2-epoch run, more than num_epochs=1"):
     train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+
+
+def test_tensorboard_gets_step_and_epoch_scalars(tmp_path, monkeypatch):
+  written = []
+
+  class Recorder:
+    def __init__(self, workdir, enabled):
+      assert enabled and workdir == str(tmp_path)
+
+    def write(self, step, scalars):
+      written.append((step, dict(scalars)))
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(train.wd, "TensorBoard", Recorder)
+  train.train_and_evaluate(tiny_config(num_epochs=1, tensorboard=True), str(tmp_path))
+  per_step = [s for s, x in written if "running_train_loss" in x]
+  per_epoch = [s for s, x in written if "val_accuracy" in x]
+  assert per_step == [4, 8] and per_epoch == [8]  # every log_every_steps=4 steps; each epoch
+
+
+def test_outputs_follow_the_umask(tmp_path):
+  old = os.umask(0o022)
+  try:
+    wd.write_json(str(tmp_path / "a.json"), {"x": 1})
+  finally:
+    os.umask(old)
+  assert (os.stat(tmp_path / "a.json").st_mode & 0o777) == 0o644  # not mkstemp's 0600
