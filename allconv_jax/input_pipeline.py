@@ -65,6 +65,14 @@ def check_available(data_config: Any) -> None:
     tfds_source.check_downloadable(data_config)
 
 
+def _synthetic_classes(data_config: Any) -> list[int] | None:
+  """The fine labels a selection keeps (generated alone), or None for every class."""
+  if not (data_config.subset or data_config.classes) or data_config.label_type != "fine":
+    return None
+  base = cifar.base_names(data_config.dataset, "fine")
+  return sorted(base.index(n) for n in cifar.class_names(data_config))
+
+
 def _select(raw: Raw, names: tuple[str, ...]) -> Raw:
   """Keeps the classes `names` and relabels them 0..k-1 in that order."""
   missing = [n for n in names if n not in raw.class_names]
@@ -105,7 +113,8 @@ def load_splits(data_config: Any, seed: int) -> Splits:
   elif data_config.source == "tfds":
     raw = tfds_source.read_tfds(data_config)
   else:
-    raw = synthetic.make_synthetic(data_config.dataset, data_config.label_type)
+    raw = synthetic.make_synthetic(data_config.dataset, data_config.label_type,
+                                   _synthetic_classes(data_config))
   if data_config.subset or data_config.classes:
     raw = _select(raw, cifar.class_names(data_config))
 

@@ -88,6 +88,9 @@ def primary() -> bool:
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> transfer.Source | None:
   """Every check that needs no compute: config, transfer source, data, workdir."""
   config_lib.validate(config)
+  adopted = transfer.inherit_model(config)
+  if adopted:
+    log(f"from transfer.source: {', '.join(adopted)}")
   source = transfer.check_source(config)
   input_pipeline.check_available(config.data)
   if os.path.exists(workdir) and not os.path.isdir(workdir):

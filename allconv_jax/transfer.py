@@ -19,6 +19,7 @@ import ml_collections
 from allconv_jax import checkpointing, config_lib, input_pipeline, models, optim, steps
 from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
+from configs import default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,28 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise UserError(f"{workdir} is not a run's workdir (no config.json)")
   return ml_collections.ConfigDict(config_lib.with_legacy_values(wd.read_json(path)))
+
+
+# Model settings a transfer run takes from its source unless its config sets another value
+# than configs/default.py's (which is then checked against the source, and refused if it differs).
+INHERITED = ("name", "width_multiplier", "padding", "use_bias")
+
+
+def inherit_model(config: ml_collections.ConfigDict) -> list[str]:
+  """Sets INHERITED model settings left at their defaults to the source's; what it set."""
+  if not config.transfer.source:
+    return []
+  try:
+    src = read_run_config(os.path.abspath(config.transfer.source))
+  except UserError:
+    return []  # check_source says what is wrong with the source
+  defaults = default.get_config().model
+  adopted = []
+  for key in INHERITED:
+    if config.model[key] == defaults[key] and src.model[key] != config.model[key]:
+      config.model[key] = src.model[key]
+      adopted.append(f"model.{key}={src.model[key]}")
+  return adopted
 
 
 def check_source(config: ml_collections.ConfigDict) -> Source | None:

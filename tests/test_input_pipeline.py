@@ -426,14 +426,20 @@ def test_synthetic_cifar100():
   coarse = ip.load_splits(
     data_config(source="synthetic", dataset="cifar100", label_type="coarse"), 0
   )
-  assert fine.train_labels.max() == 99 and len(fine.train_images) == 4000
+  assert fine.train_labels.max() == 99 and len(fine.train_images) == 49_000  # 500 per class
+  assert np.bincount(fine.test_labels).tolist() == [100] * 100
   to_coarse = np.asarray(cifar.CIFAR100_FINE_TO_COARSE)
   np.testing.assert_array_equal(coarse.test_labels, to_coarse[fine.test_labels])
+  # A subset is as large as the real one (500 + 100 per class) and made of the same images as
+  # those classes of the whole set (generated alone).
   sub = ip.load_splits(
-    data_config(source="synthetic", dataset="cifar100", subset="class2", validation_size=50), 0
+    data_config(source="synthetic", dataset="cifar100", subset="class2", validation_size=500), 0
   )
-  assert sub.class_names == cifar.SUBSETS["class2"] and len(sub.test_images) == 100
-  assert sorted(set(sub.train_labels.tolist())) == list(range(10))
+  assert sub.class_names == cifar.SUBSETS["class2"] and len(sub.test_images) == 1000
+  assert len(sub.train_images) == 4500 and sorted(set(sub.train_labels.tolist())) == list(range(10))
+  first = cifar.CIFAR100_FINE.index(sub.class_names[0])
+  whole = {bytes(x) for x in fine.test_images[fine.test_labels == first]}
+  assert {bytes(x) for x in sub.test_images[sub.test_labels == 0]} == whole
 
 
 def test_tfds_mock_data(monkeypatch):

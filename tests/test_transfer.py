@@ -21,7 +21,7 @@ def leaves(tree):
 
 
 def subset_config(**kw):
-  return tiny_config(data__dataset="cifar100", data__subset="class1", data__max_train_examples=0,
+  return tiny_config(data__dataset="cifar100", data__subset="class1", data__max_train_examples=448,
                      **kw)
 
 
@@ -177,3 +177,13 @@ def test_step1_says_what_it_restored_and_froze(runs, tmp_path, capsys):
   steps = wd.checkpoint_steps(source)
   assert (f"transfer: restored the latest checkpoint of {source} (step {steps[-1]}): a new class "
           "layer; 16 arrays frozen, 2 trained") in out  # 8 backbone convs, kernel and bias each
+
+
+def test_a_transfer_step_takes_the_source_model_settings_it_leaves_at_default(runs, tmp_path,
+                                                                             capsys):
+  source, _, _ = runs  # width x0.05
+  out = train_lib.train_and_evaluate(
+      subset_config(num_epochs=1, transfer__source=source, optimizer__freeze="backbone/",
+                    model__width_multiplier=1.0), str(tmp_path))  # 1.0: the default
+  assert out["width_multiplier"] == 0.05
+  assert "from transfer.source: model.width_multiplier=0.05" in capsys.readouterr().out
