@@ -29,7 +29,7 @@ matplotlib.use("Agg")  # headless; must come before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-SKIP_DIRS = ("checkpoints", "tensorboard")
+SKIP_DIRS = (wd.CHECKPOINTS, wd.CORRUPT, wd.TENSORBOARD)
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 COMPARISON_PNG = "comparison.png"
 STUDY_JSON = "study.json"
@@ -57,7 +57,7 @@ def find_runs(root: str) -> list[str]:
   found = []
   for folder, dirs, files in os.walk(root):
     dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-    if "results.json" in files:
+    if wd.RESULTS in files:
       found.append(os.path.abspath(folder))
   if not found:
     raise UserError(f"no runs found below {root} (no results.json; are the runs finished?)")
@@ -80,7 +80,7 @@ def load_run(workdir: str, label: str) -> Run:
   """Reads a run's results.json and metrics.jsonl; UserError if the results are missing/bad."""
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist")
-  path = os.path.join(workdir, "results.json")
+  path = wd.path(workdir, wd.RESULTS)
   if not os.path.exists(path):
     raise UserError(f"{workdir} has no results.json (is the run finished?)")
   try:

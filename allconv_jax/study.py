@@ -32,11 +32,12 @@ from typing import Any
 
 from absl import app, flags
 
-from allconv_jax import cli, report, sweep, workdir
+from allconv_jax import cli, report, sweep
+from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 
 STUDY_JSON = report.STUDY_JSON
-EXPORTED_FILES = ("config.json", "results.json", "metrics.jsonl", "sweep.log", sweep.INVOCATIONS)
+EXPORTED_FILES = (wd.CONFIG, wd.RESULTS, wd.METRICS, "sweep.log", sweep.INVOCATIONS)
 COMPARES = ("paper", "course_transfer")
 WINNER = re.compile(r"\{winner:([A-Za-z0-9_.-]+)(?:/([A-Za-z0-9_.-]+))?\}")
 
@@ -197,14 +198,14 @@ def export(root: str, out: str, plan: dict[str, Any]) -> None:
   """Copies every finished run's small files to OUT (same layout) and regenerates the report."""
   for folder, dirs, files in os.walk(root):
     dirs[:] = sorted(d for d in dirs if d not in report.SKIP_DIRS)
-    if "results.json" not in files:
+    if wd.RESULTS not in files:
       continue
     target = os.path.join(out, os.path.relpath(folder, root))
     os.makedirs(target, exist_ok=True)
     for name in EXPORTED_FILES:
       if name in files:
         shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
-  workdir.write_json(os.path.join(out, STUDY_JSON), plan)
+  wd.write_json(os.path.join(out, STUDY_JSON), plan)
   report.write_study_report(out, out)
 
 
@@ -219,7 +220,7 @@ def run_study(stages: Sequence[Stage], root: str, overrides: Sequence[str] = (),
   plan_all(stages, root, overrides)
   plan = plan_json(stages, overrides)
   os.makedirs(root, exist_ok=True)
-  workdir.write_json(os.path.join(root, STUDY_JSON), plan)
+  wd.write_json(os.path.join(root, STUDY_JSON), plan)
   outcomes: dict[str, Outcome] = {}
 
   def after_run() -> None:

@@ -30,7 +30,8 @@ from typing import Any
 import ml_collections
 from absl import app, flags
 
-from allconv_jax import cli, config_lib, workdir
+from allconv_jax import cli, config_lib
+from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +129,7 @@ def plan(config_files: Sequence[str], rates: Sequence[float], root: str,
 
 def finished_results(point: Point) -> dict[str, Any] | None:
   """The point's results if its run is finished with the same run-defining settings."""
-  results = workdir.read_results(point.workdir)
+  results = wd.read_results(point.workdir)
   if results is None or results.get("epochs", 0) < point.config.num_epochs:
     return None
   saved = results.get("config")
@@ -278,7 +279,7 @@ def selection_record(record: dict[str, Any], epochs: int) -> dict[str, Any]:
   validation accuracy from its metrics.jsonl, so a run continued past them is judged the same."""
   if not epochs or record["status"] not in OK_STATUSES:
     return record
-  metrics = [m for m in workdir.read_metrics(workdir.path(record["workdir"], workdir.METRICS))
+  metrics = [m for m in wd.read_metrics(wd.path(record["workdir"], wd.METRICS))
              if m["epoch"] <= epochs and m.get("val_accuracy") is not None]
   if not metrics or metrics[-1]["epoch"] != epochs:
     return {**record, "status": "failed", "error": f"no validation record of epoch {epochs}"}
@@ -346,8 +347,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
 def write_summary(root: str, summary: dict[str, Any]) -> str:
   """Writes ROOT/sweep.json and ROOT/sweep.md; returns the markdown."""
   text = to_markdown(summary)
-  workdir.write_json(os.path.join(root, "sweep.json"), summary)
-  workdir.write_text(os.path.join(root, "sweep.md"), text)
+  wd.write_json(os.path.join(root, "sweep.json"), summary)
+  wd.write_text(os.path.join(root, "sweep.md"), text)
   return text
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags
 
 from allconv_jax import cli, input_pipeline, models, transfer
+from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 
 matplotlib.use("Agg")  # headless; must come before pyplot is imported
@@ -205,7 +206,7 @@ def visualize(workdir: str, out: str, checkpoint: str = "latest", num_images: in
     raise UserError(f"--num_images ({num_images}) exceeds the {len(splits.test_labels)} test "
                     "images")
   raw = splits.test_images[:num_images]
-  stats = input_pipeline.load_preprocessing(os.path.join(workdir, "preprocessing.npz"))
+  stats = input_pipeline.load_preprocessing(wd.path(workdir, wd.PREPROCESSING))
   images = jnp.asarray(input_pipeline.apply_preprocessing(stats, raw))
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
   predicted = np.asarray(forward(params, images)).argmax(-1)
