@@ -456,7 +456,8 @@ def end_epoch(run_: Training, epoch: int, images_seen: int, train_seconds: float
   v = steps.metric_means(run_.steps.evaluate(run_.state.params, val.images, val.labels,
                                              val.mask)) if val.size else None
   record = {
-      "epoch": epoch + 1, "step": step, "learning_rate": run_.rate(step - 1),
+      "epoch": epoch + 1, "step": step,
+      "learning_rate": float(f"{run_.rate(step - 1):.7g}"),  # 5e-05, not float32's 5.0000002e-05
       "train_loss": train["loss"], "train_accuracy": train["accuracy"],
       "val_loss": v["loss"] if v else None, "val_accuracy": v["accuracy"] if v else None,
       "images_per_sec": images_seen / max(train_seconds, 1e-9),

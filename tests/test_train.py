@@ -279,3 +279,10 @@ def test_outputs_follow_the_umask(tmp_path):
   finally:
     os.umask(old)
   assert (os.stat(tmp_path / "a.json").st_mode & 0o777) == 0o644  # not mkstemp's 0600
+
+
+def test_metrics_record_the_scheduled_rate_without_float32_noise(tmp_path):
+  train.train_and_evaluate(tiny_config(num_epochs=2, optimizer__learning_rate=0.003,
+                                       optimizer__boundaries=(1,)), str(tmp_path))
+  rates = [r["learning_rate"] for r in metrics(str(tmp_path))]
+  assert rates == [0.003, 0.0003]  # float32 would give 0.003000000026077032, 0.00030000001
