@@ -27,6 +27,7 @@ from allconv_jax.data.augmentation import augment
 from allconv_jax.data.cifar import Raw, class_names, num_classes
 from allconv_jax.data.preprocessing import (
   apply_preprocessing,
+  fit_or_share,
   fit_preprocessing,
   load_preprocessing,
   save_preprocessing,
@@ -34,7 +35,7 @@ from allconv_jax.data.preprocessing import (
 from allconv_jax.errors import UserError
 
 __all__ = ["Splits", "augment", "apply_preprocessing", "check_available", "class_names",
-           "fit_preprocessing", "load_preprocessing", "load_splits", "num_classes",
+           "fit_or_share", "fit_preprocessing", "load_preprocessing", "load_splits", "num_classes",
            "save_preprocessing"]
 
 

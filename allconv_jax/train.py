@@ -205,19 +205,24 @@ class DeviceData:
 def preprocessing_stats(config: ml_collections.ConfigDict, workdir: str,
                         source: transfer.Source | None, train_images: np.ndarray
                         ) -> dict[str, Any]:
-  """The run's saved statistics, the transfer source's, or freshly fitted ones (then saved)."""
+  """The run's saved statistics, the transfer source's, or fitted ones (saved, and shared with
+  later runs on the same training images and settings: data/preprocessing.py)."""
   path = wd.path(workdir, wd.PREPROCESSING)
   if os.path.exists(path):
     return input_pipeline.load_preprocessing(path)
   if source is not None:
     stats = input_pipeline.load_preprocessing(source.preprocessing_path)
     log(f"reusing the preprocessing statistics of {source.workdir}")
-  else:
-    t0 = time.time()
-    stats = input_pipeline.fit_preprocessing(config.data, train_images)
-    log(f"fitted {config.data.preprocessing} preprocessing in {time.time() - t0:.1f}s")
-  if primary():
-    input_pipeline.save_preprocessing(path, stats)
+    if primary():
+      input_pipeline.save_preprocessing(path, stats)
+    return stats
+  t0 = time.time()
+  if not primary():  # the others fit the same numbers themselves, writing nothing
+    return input_pipeline.fit_preprocessing(config.data, train_images)
+  stats, shared = input_pipeline.fit_or_share(config.data, train_images, path)
+  log(f"{'shared the' if shared else 'fitted'} {config.data.preprocessing} preprocessing "
+      f"statistics{' of an earlier run on the same images' if shared else ''} in "
+      f"{time.time() - t0:.1f}s")
   return stats
 
 

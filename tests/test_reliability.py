@@ -11,6 +11,7 @@ import pytest
 
 from allconv_jax import benchmark, checkpointing, cli, train, transfer
 from allconv_jax import workdir as wd
+from allconv_jax.data import preprocessing
 from allconv_jax.errors import UserError
 from tests.helpers import ROOT, run_main, tiny_config, tiny_flags
 
@@ -478,7 +479,8 @@ def test_disk_full_writing_a_checkpoint_or_the_statistics_is_one_line(tmp_path, 
   if target == "checkpoint":
     monkeypatch.setattr(checkpointing.ocp.CheckpointManager, "save", full)
   else:
-    monkeypatch.setattr(train.input_pipeline, "save_preprocessing",
+    monkeypatch.setenv("ALLCONV_CACHE_DIR", str(tmp_path / "shared"))  # so it fits and saves
+    monkeypatch.setattr(preprocessing, "save_preprocessing",
                         lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device",
                                                                  str(tmp_path / target))))
   with pytest.raises(SystemExit) as e, cli.user_errors():

@@ -286,3 +286,17 @@ def test_metrics_record_the_scheduled_rate_without_float32_noise(tmp_path):
                                        optimizer__boundaries=(1,)), str(tmp_path))
   rates = [r["learning_rate"] for r in metrics(str(tmp_path))]
   assert rates == [0.003, 0.0003]  # float32 would give 0.003000000026077032, 0.00030000001
+
+
+def test_runs_on_the_same_images_share_one_statistics_file(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("ALLCONV_CACHE_DIR", str(tmp_path / "shared"))  # none shared yet
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path / "a"))
+  assert "fitted meanstd preprocessing statistics" in capsys.readouterr().out
+  out = train.train_and_evaluate(tiny_config(num_epochs=1, seed=0, optimizer__learning_rate=0.02),
+                                 str(tmp_path / "b"))
+  assert "shared the meanstd preprocessing statistics" in capsys.readouterr().out
+  a, b = (os.stat(tmp_path / n / "preprocessing.npz") for n in ("a", "b"))
+  assert (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)  # one file, not a copy per run
+  train.train_and_evaluate(tiny_config(num_epochs=1, seed=1), str(tmp_path / "c"))
+  assert "fitted" in capsys.readouterr().out  # another seed: another split, other images
+  assert out["epochs"] == 1
