@@ -104,6 +104,13 @@ def cpu_compiler_options() -> dict[str, str] | None:
   return CPU_COMPILER_OPTIONS
 
 
+def epoch_order(key: jax.Array, epoch: jax.Array, *, num_train: int, steps_per_epoch: int,
+                batch_size: int) -> jax.Array:
+  """One epoch's batches: the first steps x batch of a permutation of the training set."""
+  perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_train)
+  return perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+
+
 def make_steps(model: models.AllConvNet, tx: optax.GradientTransformation, mesh: Mesh,
                config: ml_collections.ConfigDict, num_train: int,
                steps_per_epoch: int) -> Steps:
@@ -160,13 +167,10 @@ def make_steps(model: models.AllConvNet, tx: optax.GradientTransformation, mesh:
         sums = jit_eval(sums, params, images[i], labels[i], mask[i])
       return sums
 
-  def epoch_indices(key: jax.Array, epoch: jax.Array) -> jax.Array:
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_train)
-    return perm[: steps_per_epoch * config.batch_size].reshape(steps_per_epoch,
-                                                                config.batch_size)
-
+  order = functools.partial(epoch_order, num_train=num_train, steps_per_epoch=steps_per_epoch,
+                            batch_size=config.batch_size)
   return Steps(train_chunk=train_chunk, evaluate=evaluate,
-               epoch_indices=jax.jit(epoch_indices, out_shardings=replicated))
+               epoch_indices=jax.jit(order, out_shardings=replicated))
 
 
 def metric_means(sums: Metrics) -> dict[str, float]:
