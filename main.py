@@ -9,20 +9,13 @@ r"""Trains and evaluates the All Convolutional Nets.
 The flags and the program are in allconv_jax/launch.py (also the `allconv-train` command).
 """
 
-import os
 import signal
 
-
-def _exit_now(signum: int, _: object) -> None:
-  """A signal while the imports below run (seconds): exit 130 at once, cleanly."""
-  os.write(2, b"interrupted: stopped outside the training loop (any checkpoint is kept); run "
-           b"the same command again, without --config.restart=True, to resume\n")
-  os._exit(130)
-
+from allconv_jax.errors import exit_now  # standard library only: in place before the imports
 
 if __name__ == "__main__":
-  signal.signal(signal.SIGINT, _exit_now)
-  signal.signal(signal.SIGTERM, _exit_now)
+  signal.signal(signal.SIGINT, exit_now)
+  signal.signal(signal.SIGTERM, exit_now)
   from allconv_jax import launch
 
   launch.run()

@@ -1,7 +1,6 @@
 """The training program behind main.py and the `allconv-train` command: flags, then
 `train.train_and_evaluate(config, workdir)`."""
 
-import os
 import signal
 
 import jax
@@ -9,15 +8,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from allconv_jax import cli, config_lib, input_pipeline, models, train
-
-
-def exit_now(signum: int, _: object) -> None:
-  """SIGINT/SIGTERM outside the training loop: nothing to save; exit 130 at once (an exception
-  raised inside a C++ import or compilation could crash the interpreter instead)."""
-  os.write(2, b"interrupted: stopped outside the training loop (any checkpoint is kept); run "
-           b"the same command again, without --config.restart=True, to resume\n")
-  os._exit(130)
-
+from allconv_jax.errors import exit_now
 
 FLAGS = flags.FLAGS
 
