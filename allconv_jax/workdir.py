@@ -24,6 +24,7 @@ from typing import IO, Any
 from absl import logging
 
 from allconv_jax.errors import UserError, one_line
+from allconv_jax.tensorflow_env import quiet_tensorflow
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -224,7 +225,7 @@ class TensorBoard:
     self.writer = None
     if not enabled or importlib.util.find_spec("tensorflow") is None:
       return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow()
     try:
       from clu import metric_writers  # imports TensorFlow: only here
       self.writer = metric_writers.create_default_writer(path(workdir, TENSORBOARD),

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -300,3 +302,15 @@ def test_runs_on_the_same_images_share_one_statistics_file(tmp_path, capsys, mon
   train.train_and_evaluate(tiny_config(num_epochs=1, seed=1), str(tmp_path / "c"))
   assert "fitted" in capsys.readouterr().out  # another seed: another split, other images
   assert out["epochs"] == 1
+
+
+def test_the_tensorboard_writer_puts_no_tensorflow_lines_on_stderr(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+  code = ("import sys; from allconv_jax import workdir as wd; "
+          "t = wd.TensorBoard(sys.argv[1], True); assert t.writer is not None; "
+          "t.write(1, {'x': 1.0}); t.close()")
+  done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert done.stderr == ""  # not "oneDNN custom operations are on" (TF 2.21)
+  assert os.listdir(tmp_path / "tensorboard")

@@ -10,6 +10,7 @@ import numpy as np
 
 from allconv_jax.data.cifar import CIFAR_URL, Raw, base_names
 from allconv_jax.errors import UserError, one_line
+from allconv_jax.tensorflow_env import quiet_tensorflow
 
 DOWNLOAD_HOST = ("storage.googleapis.com", 443)  # where tfds downloads CIFAR from
 ONLINE_TIMEOUT_SEC = 3.0
@@ -49,6 +50,7 @@ def read_tfds(data_config: Any) -> Raw:
   data_dir = str(data_config.dir) or None
   coarse = dataset == "cifar100" and data_config.label_type == "coarse"
   label_key = "coarse_label" if coarse else "label"
+  quiet_tensorflow()
   try:
     import tensorflow as tf
     import tensorflow_datasets as tfds
