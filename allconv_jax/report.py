@@ -32,6 +32,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 SKIP_DIRS = (wd.CHECKPOINTS, wd.CORRUPT, wd.TENSORBOARD)
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 COMPARISON_PNG = "comparison.png"
+LINE_STYLES = ("-", "--", ":", "-.")
 STUDY_JSON = "study.json"
 STUDY_MD = "study.md"
 COLUMNS = ("Run", "Network", "Dataset", "LR", "Epochs", "Augmentation", "Preprocessing",
@@ -239,19 +240,38 @@ def plot_run(run: Run, path: str) -> None:
   plt.close(fig)
 
 
-def plot_comparison(runs: Sequence[Run], path: str) -> None:
-  """Validation accuracy per epoch of every run on one set of axes."""
-  fig, ax = plt.subplots(figsize=(8, 5))
-  for run in runs:
+def line_styles(n: int) -> list[tuple[Any, str]]:
+  """n distinct (colour, line style) pairs: tab10 up to 10 runs, tab20 up to 20, then tab20
+  again with dashed, dotted and dash-dot lines (80 pairs), then colours from turbo."""
+  if n > 80:
+    return [(plt.get_cmap("turbo")(i / (n - 1)), "-") for i in range(n)]
+  colours = plt.get_cmap("tab10" if n <= 10 else "tab20").colors
+  return [(colours[i % len(colours)], LINE_STYLES[i // len(colours)]) for i in range(n)]
+
+
+def comparison_figure(runs: Sequence[Run]) -> Any:
+  """Validation accuracy per epoch of every run on one set of axes; the legend to the right
+  of the axes (in columns of at most 25 runs), never over the curves."""
+  columns = max(1, -(-len(runs) // 25))
+  fig, ax = plt.subplots(figsize=(8 + 3 * columns, 5 + 0.1 * min(len(runs), 25)))
+  for run, (colour, style) in zip(runs, line_styles(len(runs)), strict=True):
     epochs, acc = curve(run.metrics, "val_accuracy", 100.0)
     model = str(run.results.get("model", "?"))
     label = run.label if model in run.label else f"{run.label} ({model})"
-    ax.plot(epochs, acc, label=label, marker="." if len(epochs) < 30 else None)
+    ax.plot(epochs, acc, label=label, color=colour, linestyle=style,
+            marker="." if len(epochs) < 30 else None)
   ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy per epoch")
   ax.grid(alpha=0.3)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.legend(fontsize="small", loc="lower right")
+  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=columns,
+            borderaxespad=0.0)
   fig.tight_layout()
+  return fig
+
+
+def plot_comparison(runs: Sequence[Run], path: str) -> None:
+  """comparison_figure(runs), saved to `path`."""
+  fig = comparison_figure(runs)
   fig.savefig(path, dpi=100)
   plt.close(fig)
 

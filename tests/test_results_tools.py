@@ -312,6 +312,25 @@ def test_report_table_and_plots(swept, model_a_run, tmp_path):
     assert f"]({name})" in text
 
 
+@pytest.mark.parametrize("n", [3, 14, 30, 90])
+def test_comparison_plot_of_many_runs_has_distinct_lines_and_a_legend_beside_the_axes(n):
+  records = [{"epoch": e, "val_accuracy": 0.1 + 0.01 * e} for e in (1, 2, 3)]
+  runs = [report.Run(f"net/lr{i}", "", {"model": "net"}, records) for i in range(n)]
+  fig = report.comparison_figure(runs)
+  try:
+    ax = fig.axes[0]
+    styles = [(tuple(line.get_color()) if not isinstance(line.get_color(), str)
+               else line.get_color(), line.get_linestyle()) for line in ax.get_lines()]
+    assert len(styles) == n and len(set(styles)) == n  # no two runs look alike
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend, axes = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend.x0 >= axes.x1  # beside the axes: it hides no curve
+    assert len(ax.get_legend().get_texts()) == n
+  finally:
+    report.plt.close(fig)
+
+
 def test_report_finds_runs_below_a_root(swept, tmp_path):
   sweep_root, _ = swept
   runs = report.find_runs(sweep_root)
