@@ -34,12 +34,11 @@ def results(workdir):
     return json.load(f)
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-  """A straight 2-epoch tiny run (shared by several tests)."""
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  out = train.train_and_evaluate(tiny_config(), workdir)
-  return workdir, out
+@pytest.fixture
+def straight_run(trained_run):
+  """A straight 2-epoch tiny run, tiny_config() (shared by several tests: read only)."""
+  workdir = trained_run(2)
+  return workdir, wd.read_results(workdir)
 
 
 def test_end_to_end_synthetic(straight_run):
@@ -66,7 +65,8 @@ def test_end_to_end_synthetic(straight_run):
 
 def test_learns_the_synthetic_signal(tmp_path):
   out = train.train_and_evaluate(tiny_config(num_epochs=6, model__width_multiplier=0.1,
-                                             data__max_train_examples=512), str(tmp_path))
+                                             data__max_train_examples=512,
+                                             optimizer__learning_rate=0.01), str(tmp_path))
   records = metrics(str(tmp_path))
   assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.5
   assert out["test_accuracy"] > 0.25  # 10 classes: chance is 0.1
@@ -81,12 +81,12 @@ def test_finished_run_is_reported_not_retrained(straight_run, capsys):
   assert "is finished" in capsys.readouterr().out
 
 
-def test_stop_after_epoch_one_then_resume_matches_straight_run(straight_run, tmp_path):
+def test_stop_after_epoch_one_then_resume_matches_straight_run(straight_run, finished_run):
   workdir, out = straight_run
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
-  assert [r["epoch"] for r in metrics(str(tmp_path))] == [1]
-  resumed = train.train_and_evaluate(tiny_config(num_epochs=2), str(tmp_path))
-  assert metrics(str(tmp_path)) == metrics(workdir)
+  stopped = finished_run(1)  # a 1-epoch run (tiny_config(num_epochs=1)), copied
+  assert [r["epoch"] for r in metrics(stopped)] == [1]
+  resumed = train.train_and_evaluate(tiny_config(num_epochs=2), stopped)
+  assert metrics(stopped) == metrics(workdir)
   assert resumed["test_loss"] == out["test_loss"]
   assert resumed["test_accuracy"] == out["test_accuracy"]
 
@@ -244,14 +244,14 @@ def test_console_wording():
       "0:00", "0:01", "1:00", "1:02", "10:00"]
 
 
-def test_an_extended_run_keeps_its_rate_history_and_cannot_shrink(tmp_path):
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+def test_an_extended_run_keeps_its_rate_history_and_cannot_shrink(finished_run):
+  workdir = finished_run()
   out = train.train_and_evaluate(tiny_config(num_epochs=2, optimizer__learning_rate=0.02),
-                                 str(tmp_path))
+                                 workdir)
   assert out["history"] == [{"epochs": 1, "learning_rate": 0.05},
                             {"epochs": 2, "learning_rate": 0.02}]
   with pytest.raises(UserError, match="finished 2-epoch run, more than num_epochs=1"):
-    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+    train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
 
 
 def test_tensorboard_gets_step_and_epoch_scalars(tmp_path, monkeypatch):
