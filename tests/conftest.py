@@ -18,3 +18,41 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Shared preprocessing statistics (data/preprocessing.py) go to a folder of this session.
 os.environ.setdefault("ALLCONV_CACHE_DIR", tempfile.mkdtemp(prefix="allconv-jax-statistics-"))
+
+
+# Imported after the environment above is set: jax reads it when it starts.
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """trained_run(num_epochs) -> the workdir of a finished tiny_config(num_epochs=...) run,
+  trained once per test process. Read it; never change it (copy it with `finished_run`)."""
+  from allconv_jax import train
+  from tests.helpers import tiny_config
+
+  done = {}
+
+  def get(num_epochs: int = 1) -> str:
+    if num_epochs not in done:
+      workdir = str(tmp_path_factory.mktemp(f"trained_{num_epochs}_epochs"))
+      train.train_and_evaluate(tiny_config(num_epochs=num_epochs), workdir)
+      done[num_epochs] = workdir
+    return done[num_epochs]
+
+  return get
+
+
+@pytest.fixture
+def finished_run(trained_run, tmp_path):
+  """finished_run(num_epochs=1, name="run") -> a fresh copy of trained_run(num_epochs) in
+  tmp_path/name: what training tiny_config(num_epochs=...) there would leave, without the wait."""
+
+  def copy(num_epochs: int = 1, name: str = "run") -> str:
+    target = str(tmp_path / name)
+    shutil.copytree(trained_run(num_epochs), target, symlinks=True)
+    return target
+
+  return copy

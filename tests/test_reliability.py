@@ -89,9 +89,8 @@ def test_sigterm_saves_mid_epoch_and_resumes_bit_identical(straight, tmp_path):
   assert metrics(str(tmp_path)) == metrics(straight)
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(finished_run, trained_run):
+  workdir = finished_run(2)
   files = [f for f in glob.glob(f"{workdir}/checkpoints/16/**/d/*", recursive=True)]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, "r+b") as f:
@@ -105,14 +104,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
   assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
   assert "resuming from checkpoint step 8" in r.stdout
   assert os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", "16"))
-  straight = str(tmp_path / "straight")
-  train.train_and_evaluate(tiny_config(num_epochs=2), straight)
-  assert metrics(workdir) == metrics(straight)
+  assert metrics(workdir) == metrics(trained_run(2))
 
 
-def test_no_usable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+def test_no_usable_checkpoint_is_an_error_not_a_silent_restart(finished_run):
+  workdir = finished_run()
   for f in glob.glob(f"{workdir}/checkpoints/8/**/_METADATA", recursive=True):
     with open(f, "w") as fh:
       fh.write("{not json")
@@ -122,9 +118,8 @@ def test_no_usable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
   assert out["epochs"] == 1 and not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
 
-def test_nan_loss_stops_with_epoch_and_rate_and_keeps_the_good_checkpoint(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+def test_nan_loss_stops_with_epoch_and_rate_and_keeps_the_good_checkpoint(finished_run):
+  workdir = finished_run()
   r = run_main("--config=configs/all_cnn_c.py", f"--workdir={workdir}",
                *tiny_flags(num_epochs=3, optimizer__learning_rate=1e6))
   assert r.returncode != 0
@@ -157,10 +152,10 @@ def test_healthy_network_gets_no_dead_warning(tmp_path, capsys):
     ({"optimizer__freeze": "backbone/"}, "optimizer.freeze"),
     ({"optimizer__momentum": 0.0}, "optimizer.momentum"),
 ])
-def test_resume_with_an_invalidating_change_is_refused(tmp_path, override, key):
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+def test_resume_with_an_invalidating_change_is_refused(finished_run, override, key):
+  workdir = finished_run()
   with pytest.raises(UserError, match=f"holds a run with another {key}"):
-    train.train_and_evaluate(tiny_config(num_epochs=2, **override), str(tmp_path))
+    train.train_and_evaluate(tiny_config(num_epochs=2, **override), workdir)
 
 
 def test_results_without_config_are_not_overwritten(tmp_path):
@@ -192,11 +187,11 @@ def test_truncated_metrics_line_is_dropped(tmp_path):
   assert wd.read_metrics(str(path)) == [{"epoch": 1, "step": 8}]
 
 
-def test_fewer_epochs_than_already_trained_is_refused(tmp_path):
-  train.train_and_evaluate(tiny_config(num_epochs=2), str(tmp_path))
-  os.remove(tmp_path / "results.json")
+def test_fewer_epochs_than_already_trained_is_refused(finished_run):
+  workdir = finished_run(2)
+  os.remove(os.path.join(workdir, "results.json"))
   with pytest.raises(UserError, match="has trained 2 epochs already, more than num_epochs=1"):
-    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+    train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -231,22 +226,20 @@ def test_non_finite_steps_are_skipped_on_restore(tmp_path):
   assert step == 8 and os.listdir(tmp_path / "corrupt_checkpoints") == ["16"]
 
 
-def test_a_stop_signal_never_saves_non_finite_weights(tmp_path, monkeypatch):
+def test_a_stop_signal_never_saves_non_finite_weights(finished_run, monkeypatch):
   """Resume a finished run with learning_rate=inf and stop it mid-epoch: nothing is saved."""
-  workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
-  saved = sorted(os.listdir(tmp_path / "checkpoints"))
+  workdir = finished_run()
+  saved = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   monkeypatch.setattr(train, "should_stop", lambda event: True)
   with pytest.raises(train.TrainingDiverged, match="not finite"):
     train.train_and_evaluate(tiny_config(num_epochs=2, optimizer__learning_rate=float("inf")),
                              workdir)
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == saved
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == saved
 
 
-def test_a_failed_extension_keeps_the_finished_results(tmp_path, monkeypatch):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
-  before = (tmp_path / "results.json").read_text()
+def test_a_failed_extension_keeps_the_finished_results(finished_run, monkeypatch):
+  workdir = finished_run()
+  before = wd.read_results(workdir)
 
   def broken(*args, **kwargs):
     raise UserError("data_batch_3 is truncated")
@@ -254,7 +247,7 @@ def test_a_failed_extension_keeps_the_finished_results(tmp_path, monkeypatch):
   monkeypatch.setattr(train.input_pipeline, "load_splits", broken)
   with pytest.raises(UserError, match="truncated"):
     train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
-  assert (tmp_path / "results.json").read_text() == before
+  assert wd.read_results(workdir) == before
 
 
 def test_interrupt_message_of_a_restart_run_says_to_drop_restart(tmp_path, monkeypatch):
@@ -268,6 +261,7 @@ def test_interrupt_message_of_a_restart_run_says_to_drop_restart(tmp_path, monke
 
 
 def test_restart_deletes_only_a_runs_workdir_and_only_after_the_data_checks(tmp_path,
+                                                                            finished_run,
                                                                             monkeypatch):
   stranger = tmp_path / "stranger"  # someone's folder that happens to hold a metrics.jsonl
   stranger.mkdir()
@@ -276,7 +270,7 @@ def test_restart_deletes_only_a_runs_workdir_and_only_after_the_data_checks(tmp_
     train.train_and_evaluate(tiny_config(restart=True), str(stranger))
   assert (stranger / "metrics.jsonl").read_text() == "mine\n"
   run = tmp_path / "run"
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(run))
+  finished_run(name="run")
   kept = sorted(os.listdir(run))
 
   def broken(*args, **kwargs):
@@ -299,9 +293,8 @@ def test_one_damaged_metrics_line_keeps_the_records_after_it(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("source", "local"), ("dir", "/elsewhere")])
-def test_resuming_on_other_data_is_refused(tmp_path, key, value):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+def test_resuming_on_other_data_is_refused(finished_run, key, value):
+  workdir = finished_run()
   with pytest.raises(UserError, match=f"another data.{key}"):
     train.check_resumable(tiny_config(num_epochs=2, **{f"data__{key}": value}), workdir)
 
@@ -399,13 +392,14 @@ def test_disk_full_or_a_removed_workdir_is_one_line(tmp_path, monkeypatch, capsy
   assert err.startswith("error: No space left on device") and "metrics.jsonl" in err
 
 
-def test_a_malformed_config_json_suggests_restart_only_to_the_trainer(tmp_path):
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
-  (tmp_path / "config.json").write_text("{not json")
+def test_a_malformed_config_json_suggests_restart_only_to_the_trainer(finished_run):
+  workdir = finished_run()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write("{not json")
   with pytest.raises(UserError, match="corrupt.*set --config.restart=True"):
-    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+    train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
   with pytest.raises(UserError) as info:
-    transfer.restore_run(str(tmp_path))  # what visualize and transfer read
+    transfer.restore_run(workdir)  # what visualize and transfer read
   assert "corrupt" in str(info.value) and "restart" not in str(info.value)
 
 

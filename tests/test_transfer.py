@@ -26,11 +26,11 @@ def subset_config(**kw):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, trained_run):
   """A CIFAR-10 source run, a step-1 run from it and a step-2 run from that."""
   root = tmp_path_factory.mktemp("transfer")
-  source, step1, step2 = (str(root / n) for n in ("source", "step1", "step2"))
-  train_lib.train_and_evaluate(tiny_config(num_epochs=1), source)
+  source = trained_run(1)  # tiny_config(num_epochs=1), shared with other tests: read only
+  step1, step2 = (str(root / n) for n in ("step1", "step2"))
   train_lib.train_and_evaluate(
       subset_config(num_epochs=2, transfer__source=source, optimizer__freeze="backbone/"), step1)
   train_lib.train_and_evaluate(
