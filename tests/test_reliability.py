@@ -59,20 +59,10 @@ def straight(tmp_path_factory):
   return workdir
 
 
-def test_sigkill_then_rerun_is_bit_identical(straight, tmp_path):
-  proc = start_main(tmp_path, *FLAGS)
-  wait_for_line(proc, "epoch 2/3 step 4/8")  # mid-epoch 2, a checkpoint exists for epoch 1
-  proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=60)
-  assert not os.path.exists(tmp_path / "results.json")
-  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path}", *FLAGS)
-  assert r.returncode == 0, r.stderr
-  assert "resuming from checkpoint step 8" in r.stdout
-  assert metrics(str(tmp_path)) == metrics(straight)
-  assert wd.read_metrics(str(tmp_path / "metrics.jsonl"))[-1]["epoch"] == EPOCHS
-
-
-def test_sigterm_saves_mid_epoch_and_resumes_bit_identical(straight, tmp_path):
+def test_sigterm_then_sigkill_then_rerun_is_bit_identical(straight, tmp_path):
+  """SIGTERM mid-epoch 1 saves a mid-epoch checkpoint and exits 130; the rerun resumes from it
+  and is killed (SIGKILL) mid-epoch 2; the third run resumes from epoch 1's checkpoint; the
+  metrics equal an uninterrupted run's."""
   proc = start_main(tmp_path, *FLAGS)
   wait_for_line(proc, "epoch 1/3 step 2/8")
   proc.send_signal(signal.SIGTERM)
@@ -83,10 +73,19 @@ def test_sigterm_saves_mid_epoch_and_resumes_bit_identical(straight, tmp_path):
   assert "Traceback" not in err
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   assert steps and steps[-1] % 8 != 0  # a mid-epoch checkpoint
+
+  proc = start_main(tmp_path, *FLAGS)
+  seen = wait_for_line(proc, "epoch 2/3 step 4/8")  # a checkpoint exists for epoch 1
+  assert any("mid-epoch" in line for line in seen), seen
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert not os.path.exists(tmp_path / "results.json")
+
   r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path}", *FLAGS)
   assert r.returncode == 0, r.stderr
-  assert "mid-epoch" in r.stdout
+  assert "resuming from checkpoint step 8" in r.stdout
   assert metrics(str(tmp_path)) == metrics(straight)
+  assert wd.read_metrics(str(tmp_path / "metrics.jsonl"))[-1]["epoch"] == EPOCHS
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(finished_run, trained_run):
@@ -429,8 +428,11 @@ def test_a_stop_signal_acts_after_the_current_step_not_the_chunk(tmp_path):
   assert proc.returncode == 130, err
   step = int(err.split("stopped at step ")[1].split()[0])
   assert 256 <= step < 400, (step, out, err)
-  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path}", *flags)
-  assert r.returncode == 0 and f"resuming from checkpoint step {step}" in r.stdout, r.stderr
+  proc = start_main(str(tmp_path), *flags)  # resumes there (stopped again: no need to finish)
+  wait_for_line(proc, f"resuming from checkpoint step {step}")
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
 
 
 def test_a_signal_during_start_up_exits_130_with_one_line(tmp_path):
