@@ -32,6 +32,8 @@ import jax
 from allconv_jax import steps, train
 from allconv_jax import workdir as wd
 from tests.helpers import tiny_config
+
+pytestmark = pytest.mark.xdist_group("parallel")  # one worker: its runs share one module fixture
 for arg in sys.argv[1:]:
   workdir, mode = arg.rsplit("=", 1)
   steps.use_scan = lambda: mode == "scan"

@@ -29,6 +29,8 @@ from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 from tests.helpers import ROOT, tiny_config, tiny_flags
 
+pytestmark = pytest.mark.xdist_group("results_tools")  # one worker: shared sweep and runs
+
 ALL_CNN_C = os.path.join(ROOT, "configs", "all_cnn_c.py")
 
 

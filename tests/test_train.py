@@ -91,11 +91,11 @@ def test_stop_after_epoch_one_then_resume_matches_straight_run(straight_run, fin
   assert resumed["test_accuracy"] == out["test_accuracy"]
 
 
-def test_same_seed_same_metrics_other_seed_differs(straight_run, tmp_path):
-  workdir, _ = straight_run
-  train.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
+def test_same_seed_same_metrics_other_seed_differs(trained_run, tmp_path):
+  workdir = trained_run(1)  # tiny_config(num_epochs=1), seed 0
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path / "a"))
   assert metrics(str(tmp_path / "a")) == metrics(workdir)
-  train.train_and_evaluate(tiny_config(seed=1), str(tmp_path / "b"))
+  train.train_and_evaluate(tiny_config(num_epochs=1, seed=1), str(tmp_path / "b"))
   assert metrics(str(tmp_path / "b")) != metrics(workdir)
 
 
