@@ -432,24 +432,34 @@ def train_epoch(run_: Training, epoch: int, stop: threading.Event, t_epoch: floa
     if not math.isfinite(running["loss"]):
       raise diverged(f"the loss is {running['loss']} in epoch {epoch + 1}",
                      run_.rate(first_step), run_.last_good)
-    images_seen += (end - pos) * config.batch_size
-    pos = end
-    speed = images_seen / max(time.time() - t_epoch, 1e-9)
-    eta = (run_.total_steps - run_.step) * config.batch_size / speed
-    log(f"epoch {epoch + 1}/{config.num_epochs} step {pos}/{spe}: loss "
-        f"{running['loss']:.4f} accuracy {running['accuracy']:.4f}, {speed:.0f} images/s, "
-        f"ETA {hours_minutes(eta)}")
-    writer.write(run_.step, {"running_train_loss": running["loss"],
-                             "running_train_accuracy": running["accuracy"],
-                             "images_per_sec_running": speed})
+    trained, pos = end - pos, end
+    images_seen += trained * config.batch_size
+    if trained:  # (none when a stop came before the chunk's first step)
+      speed = images_seen / max(time.time() - t_epoch, 1e-9)
+      eta = (run_.total_steps - run_.step) * config.batch_size / speed
+      log(f"epoch {epoch + 1}/{config.num_epochs} step {pos}/{spe}: loss "
+          f"{running['loss']:.4f} accuracy {running['accuracy']:.4f}, {speed:.0f} images/s, "
+          f"ETA {hours_minutes(eta)}")
+      writer.write(run_.step, {"running_train_loss": running["loss"],
+                               "running_train_accuracy": running["accuracy"],
+                               "images_per_sec_running": speed})
     if should_stop(stop) and pos < spe:
-      if not checkpointing.all_finite(run_.state.params):
-        raise diverged(f"the parameters are not finite in epoch {epoch + 1}",
-                       run_.rate(run_.step - 1), run_.last_good)
-      log("received a stop signal: saving a checkpoint, then stopping")
-      run_.ckpts.save(run_.step, {"state": run_.state, "sums": run_.sums})
-      raise Interrupted(run_.step)
+      stop_mid_epoch(run_, epoch)
   return images_seen
+
+
+def stop_mid_epoch(run_: Training, epoch: int) -> None:
+  """A stop signal mid-epoch: checkpoint the current step (unless it has one: a stop right
+  after a resume trained nothing) and raise Interrupted."""
+  if not checkpointing.all_finite(run_.state.params):
+    raise diverged(f"the parameters are not finite in epoch {epoch + 1}",
+                   run_.rate(run_.step - 1), run_.last_good)
+  if run_.step in run_.ckpts.steps():
+    log(f"received a stop signal: checkpoint step {run_.step} is current; stopping")
+  else:
+    log("received a stop signal: saving a checkpoint, then stopping")
+    run_.ckpts.save(run_.step, {"state": run_.state, "sums": run_.sums})
+  raise Interrupted(run_.step)
 
 
 def end_epoch(run_: Training, epoch: int, images_seen: int, train_seconds: float, watch: Watch,

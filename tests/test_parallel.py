@@ -19,6 +19,8 @@ import pytest
 from allconv_jax import workdir as wd
 from tests.helpers import ROOT, run_main, tiny_flags
 
+pytestmark = pytest.mark.xdist_group("parallel")  # one worker: its runs share one module fixture
+
 TIMING = ("images_per_sec", "elapsed_sec")
 RESULT_KEYS = ("test_loss", "test_accuracy", "final_val_accuracy", "best_val_accuracy",
                "best_epoch", "steps", "num_params")
@@ -32,8 +34,6 @@ import jax
 from allconv_jax import steps, train
 from allconv_jax import workdir as wd
 from tests.helpers import tiny_config
-
-pytestmark = pytest.mark.xdist_group("parallel")  # one worker: its runs share one module fixture
 for arg in sys.argv[1:]:
   workdir, mode = arg.rsplit("=", 1)
   steps.use_scan = lambda: mode == "scan"

@@ -1,10 +1,12 @@
 """Long-run failures: kills, corrupt checkpoints, NaNs, dead networks, concurrent runs."""
 
+import contextlib
 import glob
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -234,6 +236,29 @@ def test_a_stop_signal_never_saves_non_finite_weights(finished_run, monkeypatch)
     train.train_and_evaluate(tiny_config(num_epochs=2, optimizer__learning_rate=float("inf")),
                              workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == saved
+
+
+def test_a_stop_before_the_first_step_after_a_resume_keeps_the_checkpoint(finished_run,
+                                                                          monkeypatch, capsys):
+  """A stop signal that is already set when the resumed run reaches its first step: nothing
+  trained, so no progress line (it once divided by a speed of 0) and no re-save of the
+  restored checkpoint; Interrupted at that step."""
+  workdir = finished_run()
+  before = {s: os.path.getmtime(os.path.join(workdir, "checkpoints", str(s)))
+            for s in wd.checkpoint_steps(workdir)}
+
+  @contextlib.contextmanager
+  def stopped():
+    event = threading.Event()
+    event.set()
+    yield event
+
+  monkeypatch.setattr(train.cli, "stop_on_signals", stopped)
+  with pytest.raises(train.Interrupted, match="step 8"):
+    train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
+  assert "checkpoint step 8 is current; stopping" in capsys.readouterr().out
+  assert {s: os.path.getmtime(os.path.join(workdir, "checkpoints", str(s)))
+          for s in wd.checkpoint_steps(workdir)} == before
 
 
 def test_a_failed_extension_keeps_the_finished_results(finished_run, monkeypatch):
