@@ -13,11 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from allconv_jax import config_lib, optim, train
+from allconv_jax import cli, config_lib, optim, train
 from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 from tests.cifar_fixtures import make_cifar10
-from tests.helpers import run_main, tiny_config, tiny_flags
+from tests.helpers import ROOT, run_main, tiny_config, tiny_flags
 
 TIMING = ("images_per_sec", "elapsed_sec")
 RECORD_KEYS = {"epoch", "step", "learning_rate", "train_loss", "train_accuracy", "val_loss",
@@ -175,9 +175,20 @@ def test_freeze_masks_updates_decay_and_momentum_buffers():
     ("--config.data.source=ftp", "data.source"),
     ("--config.model.strided_grad=fast", "'model.strided_grad' must be one of auto, xla"),
 ])
-def test_bad_config_is_one_line_before_any_compute(tmp_path, flag, message):
+def test_bad_config_is_one_line(flag, message):
+  """The message of each bad override (read the way main.py and the sweep read it)."""
+  with pytest.raises(UserError) as info:
+    cli.config_from_file(os.path.join(ROOT, "configs", "all_cnn_c.py"), [flag])
+  assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("flag, message", [  # a flag that does not parse; a value out of range
+    ("--config.num_epochs=ten", "--config.num_epochs=ten"),
+    ("--config.optimizer.learning_rate=0.0", "'optimizer.learning_rate' must be > 0"),
+])
+def test_bad_config_through_main_is_one_line_before_any_compute(tmp_path, flag, message):
   r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path / 'w'}", flag)
-  assert r.returncode != 0
+  assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
   assert not (tmp_path / "w").exists()
