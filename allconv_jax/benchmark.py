@@ -191,6 +191,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """The program (also the `allconv-benchmark` command)."""
+  cli.program_help(__doc__)
   app.run(main, flags_parser=cli.parse_config_flags)
 
 

@@ -32,6 +32,14 @@ def start(extra_args: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)
 
 
+def program_help(doc: str | None) -> None:
+  """Makes `doc` the --help text of a program started without one: absl prints the docstring
+  of __main__, and a console command's __main__ is a generated wrapper that has none."""
+  main = sys.modules.get("__main__")
+  if main is not None and not (getattr(main, "__doc__", None) or "").strip():
+    main.__doc__ = doc
+
+
 @contextlib.contextmanager
 def interruptions(*kinds: type[BaseException]) -> Iterator[None]:
   """One of `kinds` (a stop signal that was handled: a checkpoint is saved) becomes the line

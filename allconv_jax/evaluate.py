@@ -140,6 +140,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   """The program (also the `allconv-evaluate` command)."""
   define_flags()
+  cli.program_help(__doc__)
   app.run(main, flags_parser=cli.parse_flags)
 
 

@@ -1,5 +1,10 @@
-"""The training program behind main.py and the `allconv-train` command: flags, then
-`train.train_and_evaluate(config, workdir)`."""
+r"""The training program behind main.py and the `allconv-train` command: flags, then
+`train.train_and_evaluate(config, workdir)`.
+
+  allconv-train --config=configs/all_cnn_c.py --workdir=/tmp/allconv/all_cnn_c \
+      --config.optimizer.learning_rate=0.05
+  allconv-train --config=configs/all_cnn_c.py --summary
+"""
 
 import signal
 
@@ -55,4 +60,5 @@ def run() -> None:
   signal.signal(signal.SIGINT, exit_now)
   signal.signal(signal.SIGTERM, exit_now)
   define_flags()
+  cli.program_help(__doc__)
   app.run(main, flags_parser=cli.parse_config_flags)

@@ -425,6 +425,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   """The program (also a console command, see pyproject.toml)."""
   define_flags()
+  cli.program_help(__doc__)
   app.run(main, flags_parser=cli.parse_flags)
 
 

@@ -264,6 +264,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   """The program (also the `allconv-study` command)."""
   define_flags()
+  cli.program_help(__doc__)
   app.run(main, flags_parser=sweep.parse_flags)
 
 
