@@ -420,16 +420,18 @@ def test_synthetic_is_deterministic_and_learnable():
   pred = np.argmin(((t[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
   assert (pred == a.test_labels).mean() > 0.9
   # And after the paper's GCN + ZCA (the default) too, in what a convolution + ReLU + global
-  # pooling can measure: how much energy each spatial frequency has.
-  stats = preprocessing.fit_preprocessing(data_config(), a.train_images)
+  # pooling can measure: how much energy each spatial frequency has. Fitted on 2,000 images
+  # (the fast N < D path) to keep the test short; the split's 4,500 separate as well.
+  fit, fit_labels = a.train_images[:2000], a.train_labels[:2000]
+  stats = preprocessing.fit_preprocessing(data_config(), fit)
 
   def energy(images):
     whitened = preprocessing.apply_preprocessing(stats, images)
     return np.log(np.abs(np.fft.rfft2(whitened, axes=(1, 2))) ** 2).mean(-1).reshape(
         len(images), -1)
 
-  e, et = energy(a.train_images), energy(a.test_images)
-  means = np.stack([e[a.train_labels == k].mean(0) for k in range(10)])
+  e, et = energy(fit), energy(a.test_images)
+  means = np.stack([e[fit_labels == k].mean(0) for k in range(10)])
   pred = np.argmin(((et[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
   assert (pred == a.test_labels).mean() > 0.9
 
@@ -591,13 +593,18 @@ def test_gcn_zca_whitens_the_training_data(tmp_path):
   )
 
 
-def test_zca_matrix_eigh_and_svd_paths_agree():
+def test_zca_matrix_covariance_and_gram_paths_agree():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(200, 30)) @ rng.normal(size=(30, 30))  # correlated, full rank
   x -= x.mean(axis=0)
   w_eigh = preprocessing._zca_matrix(None, x.T @ x / 200, 200, 1e-9)
-  w_svd = preprocessing._zca_matrix(x, None, 200, 1e-9)
-  np.testing.assert_allclose(w_eigh, w_svd, atol=1e-6)
+  w_gram = preprocessing._zca_matrix(x, None, 200, 1e-9)
+  np.testing.assert_allclose(w_eigh, w_gram, atol=1e-6)
+  # Fewer samples than dimensions (the Gram path's use): rank 19, the null space gets 1/sqrt(eps).
+  few = rng.normal(size=(20, 50)) @ rng.normal(size=(50, 50))
+  few -= few.mean(axis=0)
+  np.testing.assert_allclose(preprocessing._zca_matrix(few, None, 20, 0.1),
+                             preprocessing._zca_matrix(None, few.T @ few / 20, 20, 0.1), atol=1e-9)
   y = x @ w_eigh
   np.testing.assert_allclose(y.T @ y / 200, np.eye(30), atol=1e-6)
   # epsilon damps the small directions exactly as 1/sqrt(eig + eps)

@@ -37,17 +37,21 @@ def _gcn(rows: np.ndarray, scale: float) -> np.ndarray:
 def _zca_matrix(
   centred: np.ndarray | None, cov: np.ndarray | None, n: int, eps: float
 ) -> np.ndarray:
-  """W = V diag(1/sqrt(eig + eps)) V^T, from the covariance or (N < D) an SVD of the data."""
+  """W = V diag(1/sqrt(eig + eps)) V^T, from the covariance or (N < D) the N x N Gram matrix."""
   if cov is not None:
     eig, vec = np.linalg.eigh(cov)
     eig = np.maximum(eig, 0.0)
     return (vec * (1.0 / np.sqrt(eig + eps))) @ vec.T
   assert centred is not None
-  _, s, vt = np.linalg.svd(centred / np.sqrt(n), full_matrices=False)
-  # Null-space directions have eigenvalue 0 and get the factor 1/sqrt(eps).
+  # centred / sqrt(n) = U S V^T: the Gram matrix's eigenvectors are U with eigenvalues S^2, and
+  # V = centred^T U / (sqrt(n) S). Directions with S = 0 (the null space) keep 1/sqrt(eps).
+  eig, u = np.linalg.eigh(centred @ centred.T / n)
+  keep = eig > eig.max() * 1e-12
+  eig, u = eig[keep], u[:, keep]
+  v = (centred.T @ u) / np.sqrt(n * eig)
   d = centred.shape[1]
-  scale = 1.0 / np.sqrt(s**2 + eps) - 1.0 / np.sqrt(eps)
-  return np.eye(d) / np.sqrt(eps) + (vt.T * scale) @ vt
+  scale = 1.0 / np.sqrt(eig + eps) - 1.0 / np.sqrt(eps)
+  return np.eye(d) / np.sqrt(eps) + (v * scale) @ v.T
 
 
 def fit_preprocessing(data_config: Any, train_images: np.ndarray) -> dict[str, np.ndarray]:
