@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import statistics
 import time
 from typing import Any
@@ -37,6 +38,10 @@ flags.DEFINE_integer("steps", 20, "Train steps in one timed chunk (one dispatch 
 flags.DEFINE_integer("warmup", 1, "Untimed chunks (the first one compiles).", lower_bound=1)
 flags.DEFINE_integer("repeats", 3, "Timed chunks; the median is reported.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the random data and parameters.")
+flags.DEFINE_float("torch_images_per_sec", None, "PyTorch's train images/s on this machine "
+                   "(benchmarks/torch_baseline.py's last line): prints our ratio to it.")
+flags.DEFINE_float("cpu_peak_gflops", None, "The CPU's float32 limit in GFLOP/s (default: "
+                   "cores x clock x FLOP/cycle of its widest FMA, from /proc/cpuinfo).")
 
 # Nominal dense peaks in TFLOP/s (vendor data sheets, no sparsity) by device_kind substring,
 # most specific first: (bf16 tensor, tf32 tensor, fp32 non-tensor).
@@ -62,8 +67,42 @@ def nominal_peak(device_kind: str) -> tuple[float, float, float] | None:
   return None
 
 
-def peak_lines(device_kind: str, platform: str, dtype: str, tflops: float) -> list[str]:
-  """What fraction of the device's nominal peak `tflops` is (GPUs in the table only)."""
+def cpu_peak(cpuinfo: str, cores: int) -> tuple[float, str] | None:
+  """The float32 limit (GFLOP/s) of `cores` cores as /proc/cpuinfo describes them, and how it
+  was reckoned: clock x FLOP per cycle (two FMA units: AVX-512 64, AVX2 32), or None."""
+  mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
+  flag_line = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+  if not mhz or not flag_line:
+    return None
+  cpu_flags = set(flag_line.group(1).split())
+  per_cycle, isa = (64, "AVX-512") if "avx512f" in cpu_flags else \
+      (32, "AVX2") if {"avx2", "fma"} <= cpu_flags else (8, "SSE")
+  ghz = float(mhz.group(1)) / 1e3
+  return cores * ghz * per_cycle, f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle ({isa})"
+
+
+def cpu_peak_lines(tflops: float, peak_gflops: float | None) -> list[str]:
+  """The fraction of the CPU's float32 limit that `tflops` is."""
+  how = "--cpu_peak_gflops"
+  if peak_gflops is None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+      with open("/proc/cpuinfo") as f:
+        found = cpu_peak(f.read(), cores or 1)
+    except OSError:
+      found = None
+    if found is None:
+      return ["peak fraction: n/a (no /proc/cpuinfo clock; pass --cpu_peak_gflops)"]
+    peak_gflops, how = found
+  return [f"peak fraction: {tflops * 1e3 / peak_gflops:.1%} of the CPU's float32 limit "
+          f"({peak_gflops:.0f} GFLOP/s: {how})"]
+
+
+def peak_lines(device_kind: str, platform: str, dtype: str, tflops: float,
+               cpu_peak_gflops: float | None = None) -> list[str]:
+  """What fraction of the device's nominal peak `tflops` is (GPUs in the table, CPUs)."""
+  if platform == "cpu":
+    return cpu_peak_lines(tflops, cpu_peak_gflops)
   if platform != "gpu":
     return [f"peak fraction: n/a on {platform} (no nominal peak table)"]
   peaks = nominal_peak(device_kind)
@@ -125,8 +164,11 @@ def prepare(config: Any, steps: int, seed: int) -> Bench:
                mesh_lib.replicate_tree(steps_lib.zero_metrics(), mesh), k, mesh.size)
 
 
-def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-  """Compiles and times train.py's train chunk; returns the numbers (also printed)."""
+def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0,
+              torch_images_per_sec: float | None = None,
+              cpu_peak_gflops: float | None = None) -> dict[str, Any]:
+  """Compiles and times train.py's train chunk and evaluation; returns the numbers (also
+  printed), with the ratio to PyTorch's figure when given one."""
   bench = prepare(config, steps, seed)
   device = jax.devices()[0]
   print(f"{config.model.name} width x{config.model.width_multiplier:g} "
@@ -157,12 +199,34 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0)
   print(f"compile time: {compile_s:.2f} s ({how}; chunk of {steps} steps as {dispatch})",
         flush=True)
   print(f"warm-up: {len(warm)} chunk(s), {', '.join(f'{t:.3f}' for t in warm)} s", flush=True)
-  return report_times(bench, steps, times, compile_s, device)
+  eval_ips = eval_images_per_sec(bench, repeats)
+  return report_times(bench, steps, times, compile_s, device, eval_ips, torch_images_per_sec,
+                      cpu_peak_gflops)
+
+
+def eval_images_per_sec(bench: Bench, repeats: int) -> float:
+  """Images/s of train.py's evaluation (two batches of eval_batch_size, median of repeats)."""
+  batch = bench.config.eval_batch_size
+  mesh = mesh_lib.make_mesh()
+  rng = np.random.default_rng(1)
+  images = mesh_lib.replicate(rng.standard_normal((2, batch, 32, 32, 3), np.float32), mesh)
+  labels = mesh_lib.replicate(rng.integers(0, bench.num_classes, (2, batch)).astype(np.int32),
+                              mesh)
+  mask = mesh_lib.replicate(np.ones((2, batch), np.float32), mesh)
+
+  def once() -> float:
+    t = time.perf_counter()
+    jax.block_until_ready(bench.fns.evaluate(bench.state.params, images, labels, mask))
+    return time.perf_counter() - t
+
+  once()  # compiles
+  return 2 * batch / statistics.median(once() for _ in range(repeats))
 
 
 def report_times(bench: Bench, steps: int, times: list[float], compile_s: float,
-                 device: Any) -> dict[str, Any]:
-  """Prints the timed chunks, FLOP rates and images/s; returns them."""
+                 device: Any, eval_ips: float, torch_ips: float | None = None,
+                 cpu_peak_gflops: float | None = None) -> dict[str, Any]:
+  """Prints the timed chunks, FLOP rates, the ratio to PyTorch and images/s; returns them."""
   config = bench.config
   chunk_s = statistics.median(times)
   loss = float(bench.sums["loss"]) / max(float(bench.sums["count"]), 1.0)
@@ -175,18 +239,29 @@ def report_times(bench: Bench, steps: int, times: list[float], compile_s: float,
         f"{chunk_s / steps * 1e3:.2f} ms/step); mean train loss {loss:.4f}", flush=True)
   print(f"train FLOPs/image: {flops / 1e9:.4g} GFLOP (3x forward); achieved "
         f"{tflops:.3f} TFLOP/s", flush=True)
-  for line in peak_lines(device.device_kind, device.platform, config.model.dtype, tflops):
+  for line in peak_lines(device.device_kind, device.platform, config.model.dtype, tflops,
+                         cpu_peak_gflops):
     print(line, flush=True)
+  print(f"eval images/s: {eval_ips:.1f} (batch {config.eval_batch_size})", flush=True)
+  if torch_ips:
+    print(f"ratio to PyTorch: {ips / torch_ips:.2f} ({ips:.1f} / {torch_ips:.1f} train "
+          f"images/s)", flush=True)
   print(f"train images/s: {ips:.1f}", flush=True)
   return {"compile_sec": compile_s, "chunk_sec": times, "images_per_sec": ips,
-          "tflops": tflops, "devices": f"{bench.devices} x {device.device_kind}"}
+          "eval_images_per_sec": eval_ips, "tflops": tflops,
+          "torch_ratio": ips / torch_ips if torch_ips else None,
+          "devices": f"{bench.devices} x {device.device_kind}"}
 
 
 def main(argv: list[str]) -> None:
   cli.start(argv[1:])
   config = cli.load_config(FLAGS.config)
   with cli.user_errors():
-    benchmark(config, FLAGS.steps, FLAGS.warmup, FLAGS.repeats, FLAGS.seed)
+    for name in ("torch_images_per_sec", "cpu_peak_gflops"):
+      if FLAGS[name].value is not None and FLAGS[name].value <= 0:
+        raise UserError(f"--{name} must be positive (got {FLAGS[name].value:g})")
+    benchmark(config, FLAGS.steps, FLAGS.warmup, FLAGS.repeats, FLAGS.seed,
+              FLAGS.torch_images_per_sec, FLAGS.cpu_peak_gflops)
 
 
 def run() -> None:

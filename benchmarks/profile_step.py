@@ -1,0 +1,275 @@
+r"""Where the CPU train step's time goes: every convolution of the compiled step, timed alone,
+and every other traced XLA:CPU thunk (layout copies, elementwise fusions, library calls).
+
+  python benchmarks/profile_step.py --config=configs/all_cnn_c.py
+  python benchmarks/profile_step.py --config=configs/all_cnn_c.py --config.batch_size=32 --top=10
+
+The step is train.py's (`steps.train_step`, jitted with `steps.cpu_compiler_options()`) on random
+data. Convolution thunks carry no trace events in XLA:CPU, so each `convolution` instruction of
+the optimized HLO (top level or inside a library fusion) is rebuilt from its operand shapes,
+window and dimension labels as one `lax.conv_general_dilated`, jitted alone and timed; its role
+(forward, input gradient, weight gradient) comes from its source metadata and output shape, its
+FLOPs are 2 x output elements x window x input features per group. The other thunks are timed
+inside the real step, from a profiler trace (`--xla_cpu_enable_xprof_traceme`). Prints two
+Markdown tables: the biggest convolutions, then the step split into categories, with the part
+that neither measurement explains. Run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax import lax
+from ml_collections import config_flags
+
+from allconv_jax import cli, config_lib, input_pipeline, models, optim
+from allconv_jax import steps as steps_lib
+from allconv_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined when run, so that tests can import this module)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_integer("repeats", 5, "Timed runs of the step and of each convolution (median).",
+                       lower_bound=1)
+  flags.DEFINE_integer("top", 15, "Convolutions listed (the slowest first).", lower_bound=1)
+
+_DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_CONV = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* convolution\(%([\w.\-]+), "
+                   r"%([\w.\-]+)\)(.*)$")
+
+
+@dataclasses.dataclass
+class Conv:
+  """One convolution instruction of the optimized HLO."""
+  name: str
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  out: tuple[int, ...]
+  dtype: str
+  attrs: str
+  role: str = ""
+  layer: str = ""
+  ms: float = 0.0
+
+  @property
+  def flops(self) -> float:
+    """2 x output elements x multiply-adds per output (kernel elements / output features)."""
+    rhs_labels = _field(self.attrs, "dim_labels").split("_")[1].split("->")[0]
+    per_output = np.prod(self.rhs) / self.rhs[rhs_labels.index("o")]
+    return 2.0 * float(np.prod(self.out)) * float(per_output)
+
+
+def _field(attrs: str, key: str) -> str:
+  m = re.search(rf"\b{key}=([^,\s]+)", attrs)
+  return m.group(1) if m else ""
+
+
+def parse_convs(hlo: str, batch: int) -> list[Conv]:
+  """The convolutions of an optimized HLO module, with operand shapes and roles."""
+  shapes, dtypes = {}, {}
+  for line in hlo.splitlines():
+    if m := _DEF.match(line):
+      shapes[m.group(1)] = tuple(int(d) for d in m.group(3).split(",") if d)
+      dtypes[m.group(1)] = m.group(2)
+  convs = []
+  for line in hlo.splitlines():
+    if not (m := _CONV.match(line)):
+      continue
+    name, out, lhs, rhs, attrs = m.groups()
+    conv = Conv(name, shapes[lhs], shapes[rhs], tuple(int(d) for d in out.split(",")),
+                dtypes[lhs], attrs)
+    op = _field(attrs, "op_name").strip('"')
+    parts = op.split("/")
+    conv.layer = parts[-2] if len(parts) > 1 else ""
+    out_labels = _field(attrs, "dim_labels").split("->")[1]
+    if "transpose(" not in op and op:
+      conv.role = "forward"
+    elif conv.out[out_labels.index("b")] == batch:
+      conv.role = "input grad"
+    else:
+      conv.role = "weight grad"
+    convs.append(conv)
+  _name_weight_grads(convs)
+  return convs
+
+
+def _name_weight_grads(convs: list[Conv]) -> None:
+  """Weight gradients carry no source metadata: name them after the forward convolution with
+  the same kernel shape, input size and striding (b01f_01io: lhs = input as (C, H, W, N))."""
+  for c in convs:
+    if c.role != "weight grad" or c.layer:
+      continue
+    kernel = (c.out[1], c.out[2], c.out[0], c.out[3])
+    strided = "rhs_dilate" in c.attrs  # a strided layer's weight gradient dilates the gradient
+    matches = [f.layer for f in convs if f.role == "forward" and f.rhs == kernel
+               and f.lhs[1:3] == c.lhs[1:3] and ("stride=" in f.attrs) == strided]
+    c.layer = matches[0] if len(set(matches)) == 1 else ""
+
+
+def _dimension_numbers(labels: str) -> tuple[str, str, str]:
+  """HLO dim_labels (e.g. b01f_01io->b01f) as lax's NHWC-style strings."""
+  lhs, rest = labels.split("_")
+  rhs, out = rest.split("->")
+  lhs_map, rhs_map = {"b": "N", "f": "C", "0": "H", "1": "W"}, {"o": "O", "i": "I", "0": "H",
+                                                                 "1": "W"}
+  return ("".join(lhs_map[c] for c in lhs), "".join(rhs_map[c] for c in rhs),
+          "".join(lhs_map[c] for c in out))
+
+
+def _pairs(text: str, default: int) -> list[int]:
+  return [int(v) for v in text.split("x")] if text else [default, default]
+
+
+def conv_fn(conv: Conv) -> Any:
+  """A jitted lax.conv_general_dilated equal to the instruction (window, pads, dilations)."""
+  window = _field(conv.attrs, "window")
+  inner = re.search(r"window=\{([^}]*)\}", conv.attrs)
+  spec = inner.group(1) if inner else window
+  get = {k: v for k, v in (item.split("=") for item in spec.split())}
+  size = _pairs(get.get("size", ""), 1)
+  pads = [tuple(int(v) for v in p.split("_")) for p in get["pad"].split("x")] \
+      if "pad" in get else [(0, 0)] * len(size)
+  reversal = get.get("rhs_reversal")
+  if reversal and "1" in reversal:
+    raise ValueError(f"{conv.name}: rhs_reversal is not rebuilt")
+  fn = functools.partial(
+      lax.conv_general_dilated, window_strides=_pairs(get.get("stride", ""), 1), padding=pads,
+      lhs_dilation=_pairs(get.get("lhs_dilate", ""), 1),
+      rhs_dilation=_pairs(get.get("rhs_dilate", ""), 1),
+      dimension_numbers=_dimension_numbers(_field(conv.attrs, "dim_labels")),
+      feature_group_count=int(_field(conv.attrs, "feature_group_count") or 1))
+  return jax.jit(fn, compiler_options=steps_lib.cpu_compiler_options())
+
+
+def median_seconds(fn: Any, *args: Any, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def time_convs(convs: list[Conv], repeats: int) -> None:
+  key = jax.random.key(0)
+  for conv in convs:
+    dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}[conv.dtype]
+    lhs = jax.random.normal(key, conv.lhs, dtype)
+    rhs = jax.random.normal(jax.random.fold_in(key, 1), conv.rhs, dtype)
+    conv.ms = 1e3 * median_seconds(conv_fn(conv), lhs, rhs, repeats=repeats)
+
+
+def build_step(config: Any) -> tuple[Any, tuple[Any, ...]]:
+  """train.py's step jitted for the CPU, and random arguments for it."""
+  config_lib.validate(config)
+  k = input_pipeline.num_classes(config.data)
+  model = models.create_model(config.model, k)
+  params = models.init_params(model, jax.random.key(1))
+  tx = optim.make_optimizer(config.optimizer, max(1, 50000 // config.batch_size), params)
+  state = optim.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.standard_normal((config.batch_size, 32, 32, 3), np.float32))
+  labels = jnp.asarray(rng.integers(0, k, config.batch_size).astype(np.int32))
+  step = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx,
+                                   augment=config.data.augment,
+                                   translate=config.data.translate_pixels),
+                 compiler_options=steps_lib.cpu_compiler_options())
+  return step, (state, images, labels, jax.random.key(2))
+
+
+def traced_thunks(step: Any, args: tuple[Any, ...]) -> dict[str, float]:
+  """Milliseconds per XLA:CPU thunk (fusions, copies, library calls) in one traced step."""
+  jax.block_until_ready(step(*args))
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    jax.block_until_ready(step(*args))
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(os.path.join(tmp, "**", "*.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  out: dict[str, float] = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") == "X" and not name.startswith(("$", "ThunkExecutor", "SlinkyThreadPool")):
+      out[name] += e["dur"] / 1e3
+  return dict(out)
+
+
+def category(name: str) -> str:
+  if "transpose" in name or name.startswith("copy"):
+    return "layout copies (transposes)"
+  if name.startswith(("ynn_fusion", "xnn_fusion", "dot")):
+    return "library dots and reductions (YNNPACK)"
+  return "elementwise and other fusions"
+
+
+def report(config: Any, step_ms: float, convs: list[Conv], thunks: dict[str, float],
+           top: int) -> str:
+  """The two Markdown tables."""
+  lines = [f"{config.model.name} x{config.model.width_multiplier:g}, batch {config.batch_size}, "
+           f"{config.model.dtype}, {jax.devices()[0].device_kind}, jax {jax.__version__}: "
+           f"step {step_ms:.1f} ms ({config.batch_size / step_ms * 1e3:.1f} images/s)", "",
+           "| convolution | role | layer | lhs -> out | GFLOP | ms | GFLOP/s |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for c in sorted(convs, key=lambda c: -c.ms)[:top]:
+    lines.append(f"| {c.name} | {c.role} | {c.layer or '-'} | {list(c.lhs)} -> {list(c.out)} | "
+                 f"{c.flops / 1e9:.2f} | {c.ms:.1f} | {c.flops / c.ms / 1e6:.0f} |")
+  groups: dict[str, float] = collections.Counter()
+  flops: dict[str, float] = collections.Counter()
+  for c in convs:
+    groups[f"convolutions: {c.role}"] += c.ms
+    flops[f"convolutions: {c.role}"] += c.flops
+  for name, ms in thunks.items():
+    groups[category(name)] += ms
+  lines += ["", "| part of the step | ms | share | GFLOP/s |", "| --- | --- | --- | --- |"]
+  for name, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
+    rate = f"{flops[name] / ms / 1e6:.0f}" if flops.get(name) else "-"
+    lines.append(f"| {name} | {ms:.1f} | {ms / step_ms:.0%} | {rate} |")
+  rest = step_ms - sum(groups.values())
+  lines.append(f"| the step minus the parts (negative: thunks overlap in the step, convolutions "
+               f"timed alone) | {rest:.1f} | {rest / step_ms:.0%} | - |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  cli.start(argv[1:])
+  config = cli.load_config(FLAGS.config)
+  with cli.user_errors():
+    if jax.default_backend() != "cpu":
+      raise UserError("this profile is for the CPU step (XLA:CPU thunks)")
+    step, args = build_step(config)
+    hlo = step.lower(*args).compile().as_text()
+    step_ms = 1e3 * median_seconds(step, *args, repeats=FLAGS.repeats)
+    convs = parse_convs(hlo, config.batch_size)
+    time_convs(convs, FLAGS.repeats)
+    print(report(config, step_ms, convs, traced_thunks(step, args), FLAGS.top), flush=True)
+
+
+if __name__ == "__main__":
+  # Read when jax starts its backend (first use, not import): thunks get trace events.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_cpu_enable_xprof_traceme=true").strip()
+  cli.program_help(__doc__)
+  define_flags()
+  app.run(main, flags_parser=cli.parse_config_flags)
