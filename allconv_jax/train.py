@@ -309,7 +309,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, source: transfer.Sour
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch, params)
   run_ = Training(config, workdir, mesh, data, model,
              optim.make_schedule(config.optimizer, steps_per_epoch),
-             steps.make_steps(model, tx, mesh, config, data.num_train, steps_per_epoch),
+             steps.CACHE.get(model, tx, mesh, config, data.num_train, steps_per_epoch),
              checkpointing.Checkpoints(workdir, config.checkpoint.keep), data_key, train_key,
              steps_per_epoch, models.count_params(params))
   if source is not None and not run_.ckpts.steps():

@@ -436,6 +436,15 @@ def test_synthetic_is_deterministic_and_learnable():
   assert (pred == a.test_labels).mean() > 0.9
 
 
+def test_synthetic_data_is_generated_once_per_process_and_read_only():
+  a = synthetic.make_synthetic("cifar10", "fine")
+  assert synthetic.make_synthetic("cifar10", "fine") is a
+  assert synthetic.make_synthetic("cifar100", "fine", [3, 1]) is \
+      synthetic.make_synthetic("cifar100", "fine", (3, 1))
+  with pytest.raises(ValueError, match="read-only"):
+    a.train_images[0, 0, 0, 0] = 1
+
+
 def test_synthetic_cifar100():
   fine = ip.load_splits(data_config(source="synthetic", dataset="cifar100"), 0)
   assert fine.train_labels.max() == 99 and len(fine.train_images) == 49_000  # 500 per class

@@ -325,3 +325,31 @@ def test_the_tensorboard_writer_puts_no_tensorflow_lines_on_stderr(tmp_path):
   assert done.returncode == 0, done.stderr
   assert done.stderr == ""  # not "oneDNN custom operations are on" (TF 2.21)
   assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_runs_of_one_config_in_a_process_share_their_jitted_steps(monkeypatch):
+  """steps.StepsCache: the same config (and model, data sizes, devices) gets the same jitted
+  functions back; any config change, another device layout or the scan path builds new ones;
+  the oldest entry goes first."""
+  from allconv_jax import mesh as mesh_lib
+  from allconv_jax import models, steps
+
+  built = []
+  monkeypatch.setattr(steps, "make_steps", lambda *args: built.append(args) or object())
+  cache = steps.StepsCache(size=2)
+  mesh = mesh_lib.make_mesh()
+  model = models.create_model(tiny_config().model, 10)
+
+  def get(config, **kw):
+    args = dict(model=model, tx=optax.sgd(0.1), mesh=mesh, config=config, num_train=256,
+                steps_per_epoch=8)
+    return cache.get(**{**args, **kw})
+
+  first = get(tiny_config())
+  assert get(tiny_config()) is first and len(built) == 1  # a new tx, the same config: reused
+  assert get(tiny_config(optimizer__weight_decay=0.0)) is not first  # config changed
+  assert get(tiny_config(), model=models.create_model(tiny_config().model, 100)) is not first
+  assert len(built) == 3 and len(cache.entries) == 2  # the first entry was evicted
+  monkeypatch.setattr(steps, "use_scan", lambda: True)
+  get(tiny_config(optimizer__weight_decay=0.0))
+  assert len(built) == 4

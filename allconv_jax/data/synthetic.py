@@ -14,6 +14,7 @@ is generated alone (fast) and equals the same classes of the whole set.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -69,7 +70,13 @@ def class_images(k: int, label: int, split: int, n: int, template: np.ndarray,
 
 def make_synthetic(dataset: str, label_type: str, fine_classes: Sequence[int] | None = None
                    ) -> Raw:
-  """The synthetic dataset, shuffled; for CIFAR-100 only `fine_classes` (fine labels) if given."""
+  """The synthetic dataset, shuffled; for CIFAR-100 only `fine_classes` (fine labels) if given.
+  Generated once per process and arguments (read-only arrays): runs in one process share it."""
+  return _generate(dataset, label_type, None if fine_classes is None else tuple(fine_classes))
+
+
+@functools.lru_cache(maxsize=2)
+def _generate(dataset: str, label_type: str, fine_classes: tuple[int, ...] | None) -> Raw:
   k = 10 if dataset == "cifar10" else 100
   wanted = list(range(k)) if fine_classes is None else list(fine_classes)
   t, (band, colour) = templates(k), bands(k)
@@ -84,4 +91,6 @@ def make_synthetic(dataset: str, label_type: str, fine_classes: Sequence[int] | 
   if dataset == "cifar100" and label_type == "coarse":
     to_coarse = np.asarray(CIFAR100_FINE_TO_COARSE, dtype=np.int32)
     train_labels, test_labels = to_coarse[train_labels], to_coarse[test_labels]
+  for array in (train_images, train_labels, test_images, test_labels):
+    array.flags.writeable = False
   return Raw(train_images, train_labels, test_images, test_labels, base_names(dataset, label_type))
