@@ -13,11 +13,13 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from allconv_jax import steps, train
 from allconv_jax import workdir as wd
-from tests.helpers import ROOT, run_main, tiny_flags
+from tests.helpers import ROOT, run_main, tiny_config, tiny_flags
 
 pytestmark = pytest.mark.xdist_group("parallel")  # one worker: its runs share one module fixture
 
@@ -66,11 +68,22 @@ def run_tiny(devices: int, *runs: tuple[str, str]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-  """The same tiny run on 1 device, and on 4 devices both as a loop and as a lax.scan."""
+  """The same tiny run on 1 device (in this process), and on 4 devices (a fresh process) both
+  as a loop and as a lax.scan."""
   tmp = tmp_path_factory.mktemp
-  one = run_tiny(1, (str(tmp("one_loop")), "loop"))
   four = run_tiny(4, (str(tmp("four_loop")), "loop"), (str(tmp("four_scan")), "scan"))
-  return {"1 loop": one["loop"], "4 loop": four["loop"], "4 scan": four["scan"]}
+  return {"1 loop": run_here(str(tmp("one_loop"))), "4 loop": four["loop"],
+          "4 scan": four["scan"]}
+
+
+def run_here(workdir: str) -> dict:
+  """The tiny run on this process's one CPU device (XLA:CPU's loop), as run_tiny returns it."""
+  assert jax.device_count() == 1 and not steps.use_scan()
+  results = train.train_and_evaluate(tiny_config(), workdir)
+  records = [{k: v for k, v in r.items() if k not in TIMING}
+             for r in wd.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+  return {"mode": "loop", "device_count": jax.device_count(), "results": results,
+          "records": records}
 
 
 def assert_same_run(a: dict, b: dict) -> None:

@@ -54,10 +54,10 @@ FLAGS = tiny_flags(num_epochs=EPOCHS, log_every_steps=2)
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-  """An uninterrupted run of the configuration the kill tests interrupt."""
+  """An uninterrupted run of the configuration the kill tests interrupt (in this process: the
+  same config as FLAGS through main.py, checked by test_tiny_flags_give_tiny_config)."""
   workdir = str(tmp_path_factory.mktemp("straight"))
-  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={workdir}", *FLAGS)
-  assert r.returncode == 0, r.stderr
+  train.train_and_evaluate(tiny_config(num_epochs=EPOCHS, log_every_steps=2), workdir)
   return workdir
 
 
@@ -508,3 +508,10 @@ def test_disk_full_writing_a_checkpoint_or_the_statistics_is_one_line(tmp_path, 
     train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
   err = capsys.readouterr().err.strip()
   assert e.value.code == 2 and err.startswith("error: No space left on device") and "\n" not in err
+
+
+def test_tiny_flags_give_tiny_config():
+  """main.py with FLAGS runs exactly tiny_config(num_epochs=3, log_every_steps=2), the config
+  of the in-process `straight` run that the kill tests compare with."""
+  config = cli.config_from_file(os.path.join(ROOT, "configs", "all_cnn_c.py"), FLAGS)
+  assert config.to_dict() == tiny_config(num_epochs=EPOCHS, log_every_steps=2).to_dict()
