@@ -61,10 +61,10 @@ def straight(tmp_path_factory):
   return workdir
 
 
-def test_sigterm_then_sigkill_then_rerun_is_bit_identical(straight, tmp_path):
+def test_sigterm_then_sigkill_then_rerun_is_bit_identical(straight, tmp_path, capsys):
   """SIGTERM mid-epoch 1 saves a mid-epoch checkpoint and exits 130; the rerun resumes from it
-  and is killed (SIGKILL) mid-epoch 2; the third run resumes from epoch 1's checkpoint; the
-  metrics equal an uninterrupted run's."""
+  and is killed (SIGKILL) mid-epoch 2; the third run (in this process) resumes from epoch 1's
+  checkpoint; the metrics equal an uninterrupted run's."""
   proc = start_main(tmp_path, *FLAGS)
   wait_for_line(proc, "epoch 1/3 step 2/8")
   proc.send_signal(signal.SIGTERM)
@@ -83,9 +83,9 @@ def test_sigterm_then_sigkill_then_rerun_is_bit_identical(straight, tmp_path):
   proc.wait(timeout=60)
   assert not os.path.exists(tmp_path / "results.json")
 
-  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path}", *FLAGS)
-  assert r.returncode == 0, r.stderr
-  assert "resuming from checkpoint step 8" in r.stdout
+  # The third run, in this process (the same config as FLAGS: test_tiny_flags_give_tiny_config).
+  train.train_and_evaluate(tiny_config(num_epochs=EPOCHS, log_every_steps=2), str(tmp_path))
+  assert "resuming from checkpoint step 8" in capsys.readouterr().out
   assert metrics(str(tmp_path)) == metrics(straight)
   assert wd.read_metrics(str(tmp_path / "metrics.jsonl"))[-1]["epoch"] == EPOCHS
 
@@ -121,12 +121,10 @@ def test_no_usable_checkpoint_is_an_error_not_a_silent_restart(finished_run):
 
 def test_nan_loss_stops_with_epoch_and_rate_and_keeps_the_good_checkpoint(finished_run):
   workdir = finished_run()
-  r = run_main("--config=configs/all_cnn_c.py", f"--workdir={workdir}",
-               *tiny_flags(num_epochs=3, optimizer__learning_rate=1e6))
-  assert r.returncode != 0
-  last = r.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: training diverged: the loss is nan in epoch 2 at learning "
-                         "rate 1e+06; the last good checkpoint (step 8) is kept"), r.stderr
+  with pytest.raises(UserError) as e:  # main.py prints it as one "error: ..." line, exit 2
+    train.train_and_evaluate(tiny_config(num_epochs=3, optimizer__learning_rate=1e6), workdir)
+  assert str(e.value).startswith("training diverged: the loss is nan in epoch 2 at learning "
+                                 "rate 1e+06; the last good checkpoint (step 8) is kept"), e.value
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8"]
   # the failed extension leaves the finished 1-epoch run's results as they were
   assert wd.read_json(os.path.join(workdir, "results.json"))["epochs"] == 1
