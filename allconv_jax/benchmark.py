@@ -122,6 +122,7 @@ class Bench:
   """What the timed chunks need: the compiled steps, their inputs and the state they advance."""
   config: Any
   model: models.AllConvNet
+  tx: Any  # the optax optimizer
   fns: steps_lib.Steps
   inputs: tuple[Any, ...]  # images, labels, batch indices, key
   state: Any
@@ -159,7 +160,7 @@ def prepare(config: Any, steps: int, seed: int) -> Bench:
   tx = optim.make_optimizer(config.optimizer, spe, params)
   state = mesh_lib.replicate_tree(
       optim.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params)), mesh)
-  return Bench(config, model, steps_lib.make_steps(model, tx, mesh, config, pool, spe),
+  return Bench(config, model, tx, steps_lib.make_steps(model, tx, mesh, config, pool, spe),
                (images, labels, idx, jax.random.fold_in(key, 2)), state,
                mesh_lib.replicate_tree(steps_lib.zero_metrics(), mesh), k, mesh.size)
 

@@ -35,9 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from jax import lax
-from ml_collections import config_flags
 
-from allconv_jax import cli, config_lib, input_pipeline, models, optim
+from allconv_jax import benchmark, cli
 from allconv_jax import steps as steps_lib
 from allconv_jax.errors import UserError
 
@@ -45,12 +44,10 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The command's flags (defined when run, so that tests can import this module)."""
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                  lock_config=True)
-  flags.DEFINE_integer("repeats", 5, "Timed runs of the step and of each convolution (median).",
-                       lower_bound=1)
+  """The command's own flag (defined when run, so that tests can import this module); --config
+  and --repeats are the benchmark's (`allconv_jax.benchmark`, imported above)."""
   flags.DEFINE_integer("top", 15, "Convolutions listed (the slowest first).", lower_bound=1)
+
 
 _DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]")
 _CONV = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* convolution\(%([\w.\-]+), "
@@ -180,21 +177,15 @@ def time_convs(convs: list[Conv], repeats: int) -> None:
 
 
 def build_step(config: Any) -> tuple[Any, tuple[Any, ...]]:
-  """train.py's step jitted for the CPU, and random arguments for it."""
-  config_lib.validate(config)
-  k = input_pipeline.num_classes(config.data)
-  model = models.create_model(config.model, k)
-  params = models.init_params(model, jax.random.key(1))
-  tx = optim.make_optimizer(config.optimizer, max(1, 50000 // config.batch_size), params)
-  state = optim.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params))
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.standard_normal((config.batch_size, 32, 32, 3), np.float32))
-  labels = jnp.asarray(rng.integers(0, k, config.batch_size).astype(np.int32))
-  step = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx,
+  """train.py's step jitted for the CPU, and arguments for it: the benchmark's model, optimizer,
+  state and random batch."""
+  bench = benchmark.prepare(config, steps=1, seed=0)
+  images, labels, idx, key = bench.inputs
+  step = jax.jit(functools.partial(steps_lib.train_step, model=bench.model, tx=bench.tx,
                                    augment=config.data.augment,
                                    translate=config.data.translate_pixels),
                  compiler_options=steps_lib.cpu_compiler_options())
-  return step, (state, images, labels, jax.random.key(2))
+  return step, (bench.state, images[idx[0]], labels[idx[0]], key)
 
 
 def traced_thunks(step: Any, args: tuple[Any, ...]) -> dict[str, float]:
