@@ -183,7 +183,8 @@ class StepsCache:
   """
 
   def __init__(self, size: int = 8) -> None:
-    self.size, self.entries = size, {}
+    self.size = size
+    self.entries: dict[tuple[Any, ...], Steps] = {}  # oldest first
 
   def get(self, model: models.AllConvNet, tx: optax.GradientTransformation, mesh: Mesh,
           config: ml_collections.ConfigDict, num_train: int, steps_per_epoch: int) -> Steps:
