@@ -12,6 +12,19 @@ import ml_collections
 from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = ("images_per_sec", "elapsed_sec")  # metrics fields that differ between equal runs
+
+
+def untimed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Metrics records without their timing fields."""
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def metrics(workdir: str) -> list[dict[str, Any]]:
+  """A run's metrics.jsonl records without their timing fields."""
+  from allconv_jax import workdir as wd
+
+  return untimed(wd.read_metrics(os.path.join(workdir, "metrics.jsonl")))
 
 
 def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:

@@ -19,11 +19,10 @@ import pytest
 
 from allconv_jax import steps, train
 from allconv_jax import workdir as wd
-from tests.helpers import ROOT, run_main, tiny_config, tiny_flags
+from tests.helpers import ROOT, metrics, run_main, tiny_config, tiny_flags, untimed
 
 pytestmark = pytest.mark.xdist_group("parallel")  # one worker: its runs share one module fixture
 
-TIMING = ("images_per_sec", "elapsed_sec")
 RESULT_KEYS = ("test_loss", "test_accuracy", "final_val_accuracy", "best_val_accuracy",
                "best_epoch", "steps", "num_params")
 
@@ -60,7 +59,7 @@ def run_tiny(devices: int, *runs: tuple[str, str]) -> dict[str, dict]:
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
       run = json.loads(line.removeprefix("RESULT "))
-      run["records"] = [{k: v for k, v in r.items() if k not in TIMING} for r in run["records"]]
+      run["records"] = untimed(run["records"])
       out[run["mode"]] = run
   assert sorted(out) == sorted(m for _, m in runs), proc.stdout[-3000:]
   return out
@@ -79,11 +78,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 def run_here(workdir: str) -> dict:
   """The tiny run on this process's one CPU device (XLA:CPU's loop), as run_tiny returns it."""
   assert jax.device_count() == 1 and not steps.use_scan()
-  results = train.train_and_evaluate(tiny_config(), workdir)
-  records = [{k: v for k, v in r.items() if k not in TIMING}
-             for r in wd.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
-  return {"mode": "loop", "device_count": jax.device_count(), "results": results,
-          "records": records}
+  train.train_and_evaluate(tiny_config(), workdir)
+  return {"mode": "loop", "device_count": jax.device_count(), **read_run(workdir)}
 
 
 def assert_same_run(a: dict, b: dict) -> None:
@@ -145,10 +141,9 @@ def run_two_processes(workdir: str, *flags: str) -> None:
 
 
 def read_run(workdir: str) -> dict:
-  records = [{k: v for k, v in r.items() if k not in TIMING}
-             for r in wd.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
-  with open(os.path.join(workdir, "results.json")) as f:
-    return {"records": records, "results": json.load(f)}
+  """A finished run's untimed metrics records and its results.json."""
+  return {"records": metrics(workdir),
+          "results": wd.read_json(os.path.join(workdir, "results.json"))}
 
 
 def test_two_processes_match_one_device_and_resume(runs: dict[str, dict], tmp_path) -> None:

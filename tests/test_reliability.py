@@ -15,14 +15,7 @@ from allconv_jax import benchmark, checkpointing, cli, train, transfer
 from allconv_jax import workdir as wd
 from allconv_jax.data import preprocessing
 from allconv_jax.errors import UserError
-from tests.helpers import ROOT, run_main, tiny_config, tiny_flags
-
-TIMING = ("images_per_sec", "elapsed_sec")
-
-
-def metrics(workdir):
-  return [{k: v for k, v in r.items() if k not in TIMING}
-          for r in wd.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+from tests.helpers import ROOT, metrics, run_main, tiny_config, tiny_flags
 
 
 def start_main(workdir, *flags):

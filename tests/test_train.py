@@ -17,16 +17,10 @@ from allconv_jax import cli, config_lib, optim, train
 from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
 from tests.cifar_fixtures import make_cifar10
-from tests.helpers import ROOT, run_main, tiny_config, tiny_flags
+from tests.helpers import ROOT, metrics, run_main, tiny_config, tiny_flags
 
-TIMING = ("images_per_sec", "elapsed_sec")
 RECORD_KEYS = {"epoch", "step", "learning_rate", "train_loss", "train_accuracy", "val_loss",
                "val_accuracy", "images_per_sec", "elapsed_sec"}
-
-
-def metrics(workdir):
-  return [{k: v for k, v in r.items() if k not in TIMING}
-          for r in wd.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def results(workdir):
