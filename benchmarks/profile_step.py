@@ -68,10 +68,16 @@ class Conv:
   ms: float = 0.0
 
   @property
+  def labels(self) -> tuple[str, str, str]:
+    """The lhs, rhs and output dimension labels (dim_labels=b01f_01io->b01f)."""
+    lhs, rest = _field(self.attrs, "dim_labels").split("_")
+    rhs, out = rest.split("->")
+    return lhs, rhs, out
+
+  @property
   def flops(self) -> float:
     """2 x output elements x multiply-adds per output (kernel elements / output features)."""
-    rhs_labels = _field(self.attrs, "dim_labels").split("_")[1].split("->")[0]
-    per_output = np.prod(self.rhs) / self.rhs[rhs_labels.index("o")]
+    per_output = np.prod(self.rhs) / self.rhs[self.labels[1].index("o")]
     return 2.0 * float(np.prod(self.out)) * float(per_output)
 
 
@@ -97,10 +103,9 @@ def parse_convs(hlo: str, batch: int) -> list[Conv]:
     op = _field(attrs, "op_name").strip('"')
     parts = op.split("/")
     conv.layer = parts[-2] if len(parts) > 1 else ""
-    out_labels = _field(attrs, "dim_labels").split("->")[1]
     if "transpose(" not in op and op:
       conv.role = "forward"
-    elif conv.out[out_labels.index("b")] == batch:
+    elif conv.out[conv.labels[2].index("b")] == batch:
       conv.role = "input grad"
     else:
       conv.role = "weight grad"
@@ -122,10 +127,9 @@ def _name_weight_grads(convs: list[Conv]) -> None:
     c.layer = matches[0] if len(set(matches)) == 1 else ""
 
 
-def _dimension_numbers(labels: str) -> tuple[str, str, str]:
-  """HLO dim_labels (e.g. b01f_01io->b01f) as lax's NHWC-style strings."""
-  lhs, rest = labels.split("_")
-  rhs, out = rest.split("->")
+def _dimension_numbers(labels: tuple[str, str, str]) -> tuple[str, str, str]:
+  """HLO dimension labels (b01f, 01io, b01f) as lax's NHWC-style strings."""
+  lhs, rhs, out = labels
   lhs_map, rhs_map = {"b": "N", "f": "C", "0": "H", "1": "W"}, {"o": "O", "i": "I", "0": "H",
                                                                  "1": "W"}
   return ("".join(lhs_map[c] for c in lhs), "".join(rhs_map[c] for c in rhs),
@@ -138,10 +142,8 @@ def _pairs(text: str, default: int) -> list[int]:
 
 def conv_fn(conv: Conv) -> Any:
   """A jitted lax.conv_general_dilated equal to the instruction (window, pads, dilations)."""
-  window = _field(conv.attrs, "window")
-  inner = re.search(r"window=\{([^}]*)\}", conv.attrs)
-  spec = inner.group(1) if inner else window
-  get = {k: v for k, v in (item.split("=") for item in spec.split())}
+  window = re.search(r"window=\{([^}]*)\}", conv.attrs)
+  get = dict(item.split("=") for item in (window.group(1).split() if window else ()))
   size = _pairs(get.get("size", ""), 1)
   pads = [tuple(int(v) for v in p.split("_")) for p in get["pad"].split("x")] \
       if "pad" in get else [(0, 0)] * len(size)
@@ -152,7 +154,7 @@ def conv_fn(conv: Conv) -> Any:
       lax.conv_general_dilated, window_strides=_pairs(get.get("stride", ""), 1), padding=pads,
       lhs_dilation=_pairs(get.get("lhs_dilate", ""), 1),
       rhs_dilation=_pairs(get.get("rhs_dilate", ""), 1),
-      dimension_numbers=_dimension_numbers(_field(conv.attrs, "dim_labels")),
+      dimension_numbers=_dimension_numbers(conv.labels),
       feature_group_count=int(_field(conv.attrs, "feature_group_count") or 1))
   return jax.jit(fn, compiler_options=steps_lib.cpu_compiler_options())
 
