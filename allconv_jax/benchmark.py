@@ -128,7 +128,7 @@ class Bench:
   state: Any
   sums: Any
   num_classes: int
-  devices: int
+  mesh: Any  # the jax.sharding.Mesh the data and state live on
 
   def run(self, fn: Any) -> float:
     """Seconds for one chunk of `fn` (it advances the state)."""
@@ -162,7 +162,7 @@ def prepare(config: Any, steps: int, seed: int) -> Bench:
       optim.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params)), mesh)
   return Bench(config, model, tx, steps_lib.make_steps(model, tx, mesh, config, pool, spe),
                (images, labels, idx, jax.random.fold_in(key, 2)), state,
-               mesh_lib.replicate_tree(steps_lib.zero_metrics(), mesh), k, mesh.size)
+               mesh_lib.replicate_tree(steps_lib.zero_metrics(), mesh), k, mesh)
 
 
 def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0,
@@ -176,7 +176,7 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0,
         f"({models.count_params(bench.state.params):,} parameters), {config.model.dtype}, "
         f"batch {config.batch_size}, augment={config.data.augment}, strided input gradient "
         f"{'polyphase' if bench.model.options.polyphase_grad else 'xla'}, "
-        f"on {bench.devices} x {device.device_kind} "
+        f"on {bench.mesh.size} x {device.device_kind} "
         f"({device.platform}, jax {jax.__version__})", flush=True)
   if device.platform == "cpu":
     load = os.getloadavg()
@@ -207,8 +207,7 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0,
 
 def eval_images_per_sec(bench: Bench, repeats: int) -> float:
   """Images/s of train.py's evaluation (two batches of eval_batch_size, median of repeats)."""
-  batch = bench.config.eval_batch_size
-  mesh = mesh_lib.make_mesh()
+  batch, mesh = bench.config.eval_batch_size, bench.mesh
   rng = np.random.default_rng(1)
   images = mesh_lib.replicate(rng.standard_normal((2, batch, 32, 32, 3), np.float32), mesh)
   labels = mesh_lib.replicate(rng.integers(0, bench.num_classes, (2, batch)).astype(np.int32),
@@ -251,7 +250,7 @@ def report_times(bench: Bench, steps: int, times: list[float], compile_s: float,
   return {"compile_sec": compile_s, "chunk_sec": times, "images_per_sec": ips,
           "eval_images_per_sec": eval_ips, "tflops": tflops,
           "torch_ratio": ips / torch_ips if torch_ips else None,
-          "devices": f"{bench.devices} x {device.device_kind}"}
+          "devices": f"{bench.mesh.size} x {device.device_kind}"}
 
 
 def main(argv: list[str]) -> None:
