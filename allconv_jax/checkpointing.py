@@ -47,8 +47,14 @@ def os_error(e: BaseException) -> OSError | None:
 def all_finite(tree: Any) -> bool:
   """Whether every floating-point value in `tree` is finite (checked before each save and
   after each restore)."""
-  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree)
-             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  return bool(_all_finite(leaves)) if leaves else True
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 class Checkpoints:

@@ -286,22 +286,32 @@ def create_model(model_config: Any, num_classes: int, relu_rule: str = "standard
                     options=options, relu_rule=relu_rule)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "image_size"))
 def init_params(model: AllConvNet, key: jax.Array, image_size: int = 32) -> Any:
-  """Initial parameters for 32x32x3 inputs (one jitted computation, not op by op)."""
+  """Initial parameters for 32x32x3 inputs: one jitted computation, traced once per model and
+  image size in a process (flax modules compare by their fields)."""
   x = jnp.zeros((1, image_size, image_size, 3))
-  return jax.jit(lambda k: model.init({"params": k}, x, train=False)["params"])(key)
+  return model.init({"params": key}, x, train=False)["params"]
 
 
 def dead_relu_fractions(model: AllConvNet, params: Any, images: jax.Array) -> dict[str, float]:
   """Per ReLU layer in network order, the fraction of its channels that output zero on every
   one of `images` (a dead channel passes no gradient); the class layer only with final_relu."""
+  names = [layer.name for layer in layer_list(model.arch, model.width_multiplier)
+           if isinstance(layer, Conv)] + (["classifier"] if model.final_relu else [])
+  return dict(zip(names, map(float, _dead_fractions(model, params, images)), strict=True))
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _dead_fractions(model: AllConvNet, params: Any, images: jax.Array) -> list[jax.Array]:
+  """dead_relu_fractions' values in network order, in one compiled computation."""
   _, state = model.apply({"params": params}, images, train=False, mutable=["intermediates"])
   inter = state["intermediates"]
-  acts = {layer.name: inter["backbone"][f"{layer.name}_act"][0]
-          for layer in layer_list(model.arch, model.width_multiplier) if isinstance(layer, Conv)}
+  acts = [inter["backbone"][f"{layer.name}_act"][0]
+          for layer in layer_list(model.arch, model.width_multiplier) if isinstance(layer, Conv)]
   if model.final_relu:
-    acts["classifier"] = inter["classifier_act"][0]
-  return {name: float(jnp.mean(jnp.max(act, axis=(0, 1, 2)) <= 0)) for name, act in acts.items()}
+    acts.append(inter["classifier_act"][0])
+  return [jnp.mean(jnp.max(act, axis=(0, 1, 2)) <= 0) for act in acts]
 
 
 def count_params(params: Any) -> int:
