@@ -10,6 +10,7 @@ from typing import Any
 import ml_collections
 
 from configs import default
+from tests import launcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("images_per_sec", "elapsed_sec")  # metrics fields that differ between equal runs
@@ -72,7 +73,7 @@ def tiny_flags(**overrides: Any) -> list[str]:
 def run_main(*args: str, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
   """Runs `python main.py ARGS` from the repository root and captures its output."""
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  return subprocess.run(
+  return launcher.run(
     [sys.executable, os.path.join(ROOT, "main.py"), *args],
     cwd=ROOT,
     env=env,

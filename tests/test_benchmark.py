@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from allconv_jax import benchmark, models, steps
+from tests import launcher
 from tests.helpers import ROOT, tiny_config
 
 TINY = ("--config=configs/all_cnn_c.py", "--config.model.width_multiplier=0.05",
@@ -18,7 +19,7 @@ TINY = ("--config=configs/all_cnn_c.py", "--config.model.width_multiplier=0.05",
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
   env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "allconv_jax.benchmark", *args], cwd=ROOT,
+  return launcher.run([sys.executable, "-m", "allconv_jax.benchmark", *args], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -18,7 +17,7 @@ from allconv_jax import input_pipeline as ip
 from allconv_jax.data import cifar, local_files, preprocessing, synthetic, tfds_source
 from allconv_jax.errors import UserError
 from configs import default
-from tests import cifar_fixtures
+from tests import cifar_fixtures, launcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -531,7 +530,7 @@ def test_local_and_synthetic_do_not_import_tensorflow(tmp_path):
     bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
     print("TF" if bad else "OK", bad[:3])
   """)
-  result = subprocess.run(
+  result = launcher.run(
     [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
   )
   assert result.returncode == 0, result.stderr

@@ -5,12 +5,12 @@ import glob
 import importlib
 import os
 import re
-import subprocess
 import sys
 import tomllib
 
 import pytest
 
+from tests import launcher
 from tests.helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "allconv_jax")
@@ -102,7 +102,7 @@ def test_help_texts_keep_their_line_breaks():
 def test_a_console_command_prints_its_docstring_for_help(module):
   # A console command's __main__ is a wrapper without a docstring, like this -c script.
   code = f"from allconv_jax import {module}; {module}.run()"
-  r = subprocess.run([sys.executable, "-c", code, "--help"], cwd=ROOT, capture_output=True,
+  r = launcher.run([sys.executable, "-c", code, "--help"], cwd=ROOT, capture_output=True,
                      text=True, timeout=120)
   first = importlib.import_module(f"allconv_jax.{module}").__doc__.strip().splitlines()[0]
   assert first in r.stdout, r.stdout[:500] + r.stderr[-500:]  # (absl exits 1 after --help)

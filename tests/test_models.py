@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import subprocess
 import sys
 
 import jax
@@ -14,6 +13,7 @@ from allconv_jax import conv as conv_lib
 from allconv_jax import models
 from allconv_jax.errors import UserError
 from configs import default
+from tests import launcher
 from tests.helpers import ROOT
 
 
@@ -182,7 +182,7 @@ def test_flops_match_the_brief():
 
 
 def run(*args):
-  return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True,
+  return launcher.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
 
 
@@ -191,7 +191,7 @@ def test_summary_cli_without_tensorflow():
   code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None;"
           "sys.argv = ['main.py', '--config=configs/all_cnn_c.py', '--summary'];"
           "import runpy; runpy.run_path('main.py', run_name='__main__')")
-  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+  r = launcher.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()

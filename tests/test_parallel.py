@@ -19,6 +19,7 @@ import pytest
 
 from allconv_jax import steps, train
 from allconv_jax import workdir as wd
+from tests import launcher
 from tests.helpers import ROOT, metrics, run_main, tiny_config, tiny_flags, untimed
 
 pytestmark = pytest.mark.xdist_group("parallel")  # one worker: its runs share one module fixture
@@ -52,7 +53,7 @@ def run_tiny(devices: int, *runs: tuple[str, str]) -> dict[str, dict]:
   flags = os.environ.get("XLA_FLAGS", "")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
          "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, *(f"{w}={m}" for w, m in runs)],
+  proc = launcher.run([sys.executable, "-c", SCRIPT, *(f"{w}={m}" for w, m in runs)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = {}
@@ -125,7 +126,7 @@ def run_two_processes(workdir: str, *flags: str) -> None:
   # library calls, and the numbers must still equal the one-device run's below.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
          "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-  procs = [subprocess.Popen(
+  procs = [launcher.popen(
       [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/all_cnn_c.py",
        f"--workdir={workdir}", *tiny_flags(), *flags, "--distributed",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],

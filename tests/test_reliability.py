@@ -15,12 +15,13 @@ from allconv_jax import benchmark, checkpointing, cli, train, transfer
 from allconv_jax import workdir as wd
 from allconv_jax.data import preprocessing
 from allconv_jax.errors import UserError
+from tests import launcher
 from tests.helpers import ROOT, metrics, run_main, tiny_config, tiny_flags
 
 
 def start_main(workdir, *flags):
   """Starts main.py in the background; stdout is line-buffered into a pipe."""
-  return subprocess.Popen(
+  return launcher.popen(
       [sys.executable, "main.py", "--config=configs/all_cnn_c.py", f"--workdir={workdir}",
        *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -463,7 +464,7 @@ def test_a_second_signal_exits_at_once():
   code = ("import os, signal, time\nfrom allconv_jax import cli\nwith cli.stop_on_signals() as e:\n"
           "  os.kill(os.getpid(), signal.SIGINT)\n  assert e.is_set()\n"
           "  os.kill(os.getpid(), signal.SIGINT)\n  time.sleep(30)\n")
-  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+  r = launcher.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                      timeout=60)
   assert r.returncode == 130 and "interrupted again: exiting at once" in r.stderr, r.stderr
 

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
@@ -27,6 +26,7 @@ from allconv_jax import (
 )
 from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
+from tests import launcher
 from tests.helpers import ROOT, tiny_config, tiny_flags
 
 pytestmark = pytest.mark.xdist_group("results_tools")  # one worker: shared sweep and runs
@@ -42,7 +42,7 @@ def sweep_flags(**overrides):
 def run_module(module, *args, timeout=240):
   """`python -m allconv_jax.<module> ARGS` from the repository root."""
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  return subprocess.run([sys.executable, "-m", f"allconv_jax.{module}", *args], cwd=ROOT,
+  return launcher.run([sys.executable, "-m", f"allconv_jax.{module}", *args], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=timeout)
 
 

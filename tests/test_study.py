@@ -10,6 +10,7 @@ import pytest
 from allconv_jax import report, study, sweep
 from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
+from tests import launcher
 from tests.helpers import ROOT, tiny_flags
 
 STUDY_FILE = os.path.join(ROOT, "configs", "study_reduced.py")
@@ -69,7 +70,7 @@ def run_study(root, out, study_file, stop_after=None):
                                                          "--config.optimizer.learning_rate="))]
   cmd = [sys.executable, "-m", "allconv_jax.study", f"--study={study_file}", f"--root={root}",
          f"--out={out}", *common]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+  proc = launcher.popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
   lines = []
   for line in proc.stdout:

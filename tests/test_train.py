@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import subprocess
 import sys
 
 import jax
@@ -16,6 +15,7 @@ import pytest
 from allconv_jax import cli, config_lib, optim, train
 from allconv_jax import workdir as wd
 from allconv_jax.errors import UserError
+from tests import launcher
 from tests.cifar_fixtures import make_cifar10
 from tests.helpers import ROOT, metrics, run_main, tiny_config, tiny_flags
 
@@ -314,7 +314,7 @@ def test_the_tensorboard_writer_puts_no_tensorflow_lines_on_stderr(tmp_path):
   code = ("import sys; from allconv_jax import workdir as wd; "
           "t = wd.TensorBoard(sys.argv[1], True); assert t.writer is not None; "
           "t.write(1, {'x': 1.0}); t.close()")
-  done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+  done = launcher.run([sys.executable, "-c", code, str(tmp_path)], env=env,
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
   assert done.stderr == ""  # not "oneDNN custom operations are on" (TF 2.21)

@@ -1,0 +1,60 @@
+"""The fork server (tests/launcher.py) behaves like a fresh interpreter for the tests' commands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests import launcher
+
+CASES = {
+    "exit code": "import sys; print('out'); sys.exit(3)",
+    "exit message": "import sys; sys.exit('error: bad')",
+    "exception": "raise ValueError('nope')",
+    "interrupt": "raise KeyboardInterrupt",
+    "argv, cwd, env": ("import os, sys; print(sys.argv[1:], os.path.basename(os.getcwd()), "
+                       "os.environ['ALLCONV_X'], os.environ.get('PYTHONUNBUFFERED'))"),
+    "XLA_FLAGS apply": ("import jax; print(jax.device_count(), jax.default_backend()); "
+                        "import atexit; atexit.register(print, 'atexit ran')"),
+    "no tensorflow": ("import sys; "
+                      "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))"),
+}
+
+
+def fresh_and_forked(code: str, tmp_path) -> tuple[subprocess.CompletedProcess, ...]:
+  env = {**os.environ, "ALLCONV_X": "x", "XLA_FLAGS": "--xla_force_host_platform_device_count=3",
+         "JAX_PLATFORMS": "cpu"}
+  args = [sys.executable, "-c", code, "a", "--b=1"]
+  fresh = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  forked = launcher.run(args, cwd=str(tmp_path), env=env, timeout=120)
+  return fresh, forked
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_forked_child_exits_and_prints_like_a_fresh_interpreter(name, tmp_path):
+  fresh, forked = fresh_and_forked(CASES[name], tmp_path)
+  assert forked.returncode == fresh.returncode, (fresh, forked)
+  assert forked.stdout == fresh.stdout, (fresh, forked)
+  strip = [line for line in fresh.stderr.splitlines() if not line.startswith("  ")]
+  assert [line for line in forked.stderr.splitlines() if not line.startswith("  ")] == strip
+  expected = {"exit code": 3, "exit message": 1, "exception": 1, "interrupt": -signal.SIGINT}
+  assert fresh.returncode == expected.get(name, 0)
+  if name == "XLA_FLAGS apply":
+    assert forked.stdout == "3 cpu\natexit ran\n"
+
+
+def test_signals_reach_a_forked_child_and_its_output_streams_live(tmp_path):
+  code = "import time; print('started', flush=True); time.sleep(60)"
+  proc = launcher.popen([sys.executable, "-c", code], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT)
+  assert isinstance(proc, launcher.Child) and proc.pid != os.getpid()
+  assert proc.stdout.readline() == "started\n"
+  assert proc.poll() is None
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=30) == -signal.SIGTERM
+  with pytest.raises(subprocess.TimeoutExpired):
+    launcher.run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5)
