@@ -26,6 +26,12 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """The tests marked slow first (in their order), so that pytest-xdist hands them out early
+  and the workers finish together instead of one waiting for the other's last long test."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
   """trained_run(num_epochs) -> the workdir of a finished tiny_config(num_epochs=...) run,

@@ -404,6 +404,7 @@ def test_validation_set_larger_than_training_set(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_synthetic_is_deterministic_and_learnable():
   cfg = data_config(source="synthetic", validation_size=500)
   a, b = ip.load_splits(cfg, 0), ip.load_splits(cfg, 1)
@@ -444,6 +445,7 @@ def test_synthetic_data_is_generated_once_per_process_and_read_only():
     a.train_images[0, 0, 0, 0] = 1
 
 
+@pytest.mark.slow
 def test_synthetic_cifar100():
   fine = ip.load_splits(data_config(source="synthetic", dataset="cifar100"), 0)
   assert fine.train_labels.max() == 99 and len(fine.train_images) == 49_000  # 500 per class
@@ -468,6 +470,7 @@ def test_synthetic_cifar100():
   assert len(coarse.class_names) == 20
 
 
+@pytest.mark.slow
 def test_tfds_mock_data(monkeypatch):
   import tensorflow_datasets as tfds
 

@@ -22,7 +22,8 @@ from allconv_jax import workdir as wd
 from tests import launcher
 from tests.helpers import ROOT, metrics, run_main, tiny_config, tiny_flags, untimed
 
-pytestmark = pytest.mark.xdist_group("parallel")  # one worker: its runs share one module fixture
+# One worker: its runs share one module fixture; among the longest (scheduled first).
+pytestmark = [pytest.mark.xdist_group("parallel"), pytest.mark.slow]
 
 RESULT_KEYS = ("test_loss", "test_accuracy", "final_val_accuracy", "best_val_accuracy",
                "best_epoch", "steps", "num_params")

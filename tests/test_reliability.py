@@ -55,6 +55,7 @@ def straight(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_rerun_is_bit_identical(straight, tmp_path, capsys):
   """SIGTERM mid-epoch 1 saves a mid-epoch checkpoint and exits 130; the rerun resumes from it
   and is killed (SIGKILL) mid-epoch 2; the third run (in this process) resumes from epoch 1's
@@ -432,6 +433,7 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
 # ----------------------------------------------------------------------------- stop signals
 
 
+@pytest.mark.slow
 def test_a_stop_signal_acts_after_the_current_step_not_the_chunk(tmp_path):
   # Chunks of 256 steps: before, a stop waited for the chunk's end (step 512); now the CPU loop
   # looks at the signal after every step.

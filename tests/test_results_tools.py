@@ -29,7 +29,8 @@ from allconv_jax.errors import UserError
 from tests import launcher
 from tests.helpers import ROOT, tiny_config, tiny_flags
 
-pytestmark = pytest.mark.xdist_group("results_tools")  # one worker: shared sweep and runs
+# One worker: shared sweep and runs; among the longest (scheduled first).
+pytestmark = [pytest.mark.xdist_group("results_tools"), pytest.mark.slow]
 
 ALL_CNN_C = os.path.join(ROOT, "configs", "all_cnn_c.py")
 

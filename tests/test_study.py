@@ -81,6 +81,7 @@ def run_study(root, out, study_file, stop_after=None):
   return proc.wait(timeout=600), "".join(lines)
 
 
+@pytest.mark.slow
 def test_a_tiny_study_end_to_end_with_an_interruption(tmp_path):
   study_file = tmp_path / "tiny_study.py"
   study_file.write_text(TINY_STUDY)

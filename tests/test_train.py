@@ -57,6 +57,7 @@ def test_end_to_end_synthetic(straight_run):
   assert os.path.exists(os.path.join(workdir, "preprocessing.npz"))
 
 
+@pytest.mark.slow
 def test_learns_the_synthetic_signal(tmp_path):
   out = train.train_and_evaluate(tiny_config(num_epochs=6, model__width_multiplier=0.1,
                                              data__max_train_examples=512,
@@ -309,6 +310,7 @@ def test_runs_on_the_same_images_share_one_statistics_file(tmp_path, capsys, mon
   assert out["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_the_tensorboard_writer_puts_no_tensorflow_lines_on_stderr(tmp_path):
   env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
   code = ("import sys; from allconv_jax import workdir as wd; "

@@ -15,7 +15,8 @@ from allconv_jax.errors import UserError
 from configs import scratch_subset, transfer_step1, transfer_step2
 from tests.helpers import run_main, tiny_config, tiny_flags
 
-pytestmark = pytest.mark.xdist_group("transfer")  # one worker: its tests share the transfer runs
+# One worker: its tests share the transfer runs; among the longest (scheduled first).
+pytestmark = [pytest.mark.xdist_group("transfer"), pytest.mark.slow]
 
 
 def leaves(tree):
