@@ -7,6 +7,7 @@ compilations into reads. It lives in one place, `$TMPDIR/allconv-jax-xla-cache-<
 """
 
 import os
+import sys
 import tempfile
 
 _CACHE = os.environ.get("ALLCONV_TEST_XLA_CACHE") or os.path.join(
@@ -23,7 +24,24 @@ os.environ.setdefault("ALLCONV_CACHE_DIR", tempfile.mkdtemp(prefix="allconv-jax-
 # Imported after the environment above is set: jax reads it when it starts.
 import shutil  # noqa: E402
 
+import flax.linen  # noqa: E402, F401
+import jax  # noqa: E402, F401
+import matplotlib  # noqa: E402, F401
+import optax  # noqa: E402, F401
+import orbax.checkpoint  # noqa: E402, F401
 import pytest  # noqa: E402
+
+# Collection keeps the bytecode of what it imports from here on (pytest's assertion-rewritten
+# test modules, allconv_jax) in a folder of its own, also where PYTHONDONTWRITEBYTECODE is set:
+# rewriting the test modules takes 2 s per worker. The libraries above keep their own bytecode;
+# after collection Python's settings are back.
+_BYTECODE = sys.pycache_prefix, sys.dont_write_bytecode
+sys.pycache_prefix = os.path.join(tempfile.gettempdir(), f"allconv-jax-pycache-{os.getuid()}")
+sys.dont_write_bytecode = False
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+  sys.pycache_prefix, sys.dont_write_bytecode = _BYTECODE
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
