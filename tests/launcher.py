@@ -2,13 +2,15 @@
 
 A fresh `python main.py ...` spends about 1.5 s of CPU importing jax, flax, optax and orbax
 before it runs a line of ours; the suite starts dozens. Here one "fork server" per test process
-imports them once (without starting a jax backend, so XLA_FLAGS still apply per child) and forks
-a child for each command. A child is a real process: its own pid, cwd, environment, argv,
+imports them once (without starting a jax backend, so XLA_FLAGS still apply per child), generates
+the synthetic CIFAR-10 set once (a per-process cache, data/synthetic.py), and forks a child for
+each command. A child is a real process: its own pid, cwd, environment, argv,
 signals, stdin/stdout/stderr pipes and exit status, and it runs the script, `-m` module or `-c`
 code as `__main__`, then exits the way CPython does (a SystemExit's code or message, a
 traceback and 1 for an exception, death by SIGINT for an uncaught KeyboardInterrupt, atexit
 handlers and non-daemon threads first). tests/test_launcher.py compares it with fresh
-interpreters. ALLCONV_TEST_FORK_SERVER=0 starts every command as a fresh interpreter instead.
+interpreters. A child's own Python commands (the sweep's and the study's main.py points) go to the
+same server. ALLCONV_TEST_FORK_SERVER=0 starts every command as a fresh interpreter instead.
 
 `popen` and `run` take the subset of subprocess.Popen's and subprocess.run's arguments that the
 tests use; commands that are not `[sys.executable, script | -m module | -c code, ...]` go to
@@ -34,7 +36,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Imported once by the server: what every test command imports first. Never a module that a
 # test runs with -m and defines flags on import (allconv_jax.benchmark).
 PRELOAD = ("jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint", "ml_collections",
-           "absl.app", "absl.flags", "absl.logging", "numpy", "allconv_jax.launch")
+           "absl.app", "absl.flags", "absl.logging", "numpy", "allconv_jax.launch",
+           "tests.launcher")
+
+SERVER_PATH = "ALLCONV_TEST_FORK_SERVER_PATH"  # the socket, for children's own commands
+_POPEN = subprocess.Popen  # subprocess's own, also where route_python_commands replaced it
 
 SERVER = r'''
 import json, os, select, signal, socket, struct, sys
@@ -42,6 +48,8 @@ for name in sys.argv[2].split(","):
   __import__(name)
 from jax._src import xla_bridge
 assert not xla_bridge._backends, "a preloaded module started a jax backend"
+from allconv_jax.data import synthetic
+synthetic.make_synthetic("cifar10", "fine")  # the tiny runs' data, generated once for every child
 
 def serve(path):
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -98,6 +106,8 @@ def child(request, fds):
   os.chdir(request["cwd"])
   os.environ.clear()
   os.environ.update(request["env"])
+  from tests import launcher
+  launcher.route_python_commands()
   unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
   def stream(fd, **kw):
     return io.TextIOWrapper(open(fd, "wb", buffering=0 if unbuffered else -1, closefd=False),
@@ -158,22 +168,38 @@ class _Server:
     self.path = os.path.join(tempfile.mkdtemp(prefix="allconv-fork-"), "s")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    self.proc = subprocess.Popen([sys.executable, "-c", SERVER, self.path, ",".join(PRELOAD)],
+    self.proc = _POPEN([sys.executable, "-c", SERVER, self.path, ",".join(PRELOAD)],
                                  cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True)
     line = self.proc.stdout.readline()
     if line.strip() != "ready":
       raise RuntimeError(f"the fork server did not start (exit {self.proc.wait()})")
     atexit.register(self.proc.kill)
+    os.environ[SERVER_PATH] = self.path  # children start their Python commands here too
 
 
-_server: list[_Server] = []  # at most one per test process
+_server: list[str] = []  # this process's server's socket, once known
 
 
-def _get_server() -> _Server:
+def _server_path() -> str:
   if not _server:
-    _server.append(_Server())
+    inherited = os.environ.get(SERVER_PATH)
+    _server.append(inherited if inherited and os.path.exists(inherited) else _Server().path)
   return _server[0]
+
+
+def route_python_commands() -> None:
+  """In a forked child: subprocess.Popen sends Python commands (sweep.py's main.py points) to
+  the same fork server, and everything else (git) to subprocess as before."""
+  def routed(args: Any, *positional: Any, **kw: Any) -> Any:
+    request = None if positional or isinstance(args, str) else _request(args)
+    if request is None:
+      return _POPEN(args, *positional, **kw)
+    return popen(args, cwd=kw.get("cwd") or os.getcwd(), env=kw.get("env"),
+                 stdout=kw.get("stdout"), stderr=kw.get("stderr"),
+                 text=bool(kw.get("text") or kw.get("universal_newlines")))
+
+  subprocess.Popen = routed
 
 
 def _request(args: Sequence[str]) -> dict[str, Any] | None:
@@ -209,19 +235,21 @@ class Child:
       err_w = out_w
     ends = [null, out_w if out_w is not None else 1, err_w if err_w is not None else 2]
     keep = [fd for fd in {null, out_w, err_w} if fd is not None]
+    path = _server_path()
+    request["env"][SERVER_PATH] = path  # the child's own Python commands come here too
     data = json.dumps(request).encode()
     self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    self.conn.connect(_get_server().path)
+    self.conn.connect(path)
     socket.send_fds(self.conn, [struct.pack("!I", len(data))], ends)
     self.conn.sendall(data)
     for fd in keep:
       os.close(fd)
-    self._buffer = b""
+    self._buffer, self._waiting = b"", False
     self.pid = int(self._line().split()[1])
 
   def _line(self, timeout: float | None = None) -> str:
-    self.conn.settimeout(timeout)
     while b"\n" not in self._buffer:
+      self.conn.settimeout(timeout)  # again after a signal handler's poll() changed it
       chunk = self.conn.recv(64)
       if not chunk:
         raise RuntimeError("the fork server went away")
@@ -231,18 +259,32 @@ class Child:
 
   def wait(self, timeout: float | None = None) -> int:
     if self.returncode is None:
+      self._waiting = True
       try:
         self.returncode = int(self._line(timeout).split()[1])
       except TimeoutError:
         raise subprocess.TimeoutExpired(self.args, timeout) from None
+      finally:
+        self._waiting = False
       self.conn.close()
     return self.returncode
 
   def poll(self) -> int | None:
+    if self._waiting:  # called from a signal handler that interrupted wait()
+      return None
     try:
       return self.wait(timeout=0.001)
     except subprocess.TimeoutExpired:
       return None
+
+  def __enter__(self) -> Child:
+    return self
+
+  def __exit__(self, *_: Any) -> None:
+    for f in (self.stdout, self.stderr):
+      if f is not None:
+        f.close()
+    self.wait()
 
   def send_signal(self, sig: int) -> None:
     if self.returncode is None:
@@ -251,8 +293,9 @@ class Child:
   def kill(self) -> None:
     self.send_signal(signal.SIGKILL)
 
-  def communicate(self, timeout: float | None = None) -> tuple[Any, Any]:
-    """Reads stdout and stderr to their ends, then waits for the exit status."""
+  def communicate(self, input: None = None, timeout: float | None = None) -> tuple[Any, Any]:
+    """Reads stdout and stderr to their ends, then waits for the exit status (no input)."""
+    assert input is None, "a forked child's stdin is /dev/null"
     results: dict[str, Any] = {}
     readers = [threading.Thread(target=lambda n=n, f=f: results.__setitem__(n, f.read()),
                                 daemon=True)
@@ -279,7 +322,7 @@ def popen(args: Sequence[str], *, cwd: str = ROOT, env: dict[str, str] | None = 
   """subprocess.Popen(args, cwd=, env=, stdout=, stderr=, text=) through the fork server."""
   request = _request(args) if enabled() else None
   if request is None:
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text)
+    return _POPEN(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text)
   request.update(cwd=os.path.abspath(cwd), env=dict(os.environ if env is None else env))
   return Child(args, request, stdout, stderr, text)
 

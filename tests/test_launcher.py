@@ -58,3 +58,16 @@ def test_signals_reach_a_forked_child_and_its_output_streams_live(tmp_path):
   assert proc.wait(timeout=30) == -signal.SIGTERM
   with pytest.raises(subprocess.TimeoutExpired):
     launcher.run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5)
+
+
+def test_a_childs_own_python_commands_fork_from_the_same_server(tmp_path):
+  code = ("import os, subprocess, sys\n"
+          "r = subprocess.run([sys.executable, '-c', 'import os; print(os.getppid())'],"
+          " capture_output=True, text=True)\n"
+          "g = subprocess.run(['git', '--version'], capture_output=True, text=True)\n"
+          "print(r.returncode, int(r.stdout) != os.getpid(), g.stdout.startswith('git version'))")
+  forked = launcher.run([sys.executable, "-c", code], cwd=str(tmp_path), timeout=120)
+  assert forked.stdout == "0 True True\n", forked  # a sibling, not its own child; git as before
+  fresh = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+  assert fresh.stdout == "0 False True\n", fresh
