@@ -11,6 +11,13 @@ import pytest
 
 from tests import launcher
 
+
+@pytest.fixture(autouse=True)
+def fork_server_on(monkeypatch):
+  """These tests check the fork server itself, also where ALLCONV_TEST_FORK_SERVER=0."""
+  monkeypatch.setenv("ALLCONV_TEST_FORK_SERVER", "1")
+
+
 CASES = {
     "exit code": "import sys; print('out'); sys.exit(3)",
     "exit message": "import sys; sys.exit('error: bad')",
