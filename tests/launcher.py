@@ -168,9 +168,8 @@ class _Server:
     self.path = os.path.join(tempfile.mkdtemp(prefix="allconv-fork-"), "s")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    self.proc = _POPEN([sys.executable, "-c", SERVER, self.path, ",".join(PRELOAD)],
-                                 cwd=ROOT, env=env, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
+    self.proc = _POPEN([sys.executable, "-c", SERVER, self.path, ",".join(PRELOAD)], cwd=ROOT,
+                       env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = self.proc.stdout.readline()
     if line.strip() != "ready":
       raise RuntimeError(f"the fork server did not start (exit {self.proc.wait()})")
@@ -221,8 +220,7 @@ class Child:
 
   def __init__(self, args: Sequence[str], request: dict[str, Any], stdout: Any, stderr: Any,
                text: bool) -> None:
-    self.args, self.returncode = list(args), None
-    ends, keep, self.stdout, self.stderr = [], [], None, None
+    self.args, self.returncode, self.stdout, self.stderr = list(args), None, None, None
     null = os.open(os.devnull, os.O_RDWR)
     out_w = err_w = None
     if stdout == subprocess.PIPE:
