@@ -10,7 +10,8 @@ code as `__main__`, then exits the way CPython does (a SystemExit's code or mess
 traceback and 1 for an exception, death by SIGINT for an uncaught KeyboardInterrupt, atexit
 handlers and non-daemon threads first). tests/test_launcher.py compares it with fresh
 interpreters. A child's own Python commands (the sweep's and the study's main.py points) go to the
-same server. ALLCONV_TEST_FORK_SERVER=0 starts every command as a fresh interpreter instead.
+same server. Tests of what happens while an interpreter imports ask for `fresh=True`;
+ALLCONV_TEST_FORK_SERVER=0 starts every command as a fresh interpreter.
 
 `popen` and `run` take the subset of subprocess.Popen's and subprocess.run's arguments that the
 tests use; commands that are not `[sys.executable, script | -m module | -c code, ...]` go to
@@ -316,9 +317,10 @@ def enabled() -> bool:
 
 
 def popen(args: Sequence[str], *, cwd: str = ROOT, env: dict[str, str] | None = None,
-          stdout: Any = None, stderr: Any = None, text: bool = True) -> Any:
-  """subprocess.Popen(args, cwd=, env=, stdout=, stderr=, text=) through the fork server."""
-  request = _request(args) if enabled() else None
+          stdout: Any = None, stderr: Any = None, text: bool = True, fresh: bool = False) -> Any:
+  """subprocess.Popen(args, cwd=, env=, stdout=, stderr=, text=) through the fork server;
+  `fresh`: a new interpreter, for tests of what happens while it imports."""
+  request = _request(args) if enabled() and not fresh else None
   if request is None:
     return _POPEN(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text)
   request.update(cwd=os.path.abspath(cwd), env=dict(os.environ if env is None else env))

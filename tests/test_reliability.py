@@ -19,12 +19,13 @@ from tests import launcher
 from tests.helpers import ROOT, metrics, run_main, tiny_config, tiny_flags
 
 
-def start_main(workdir, *flags):
-  """Starts main.py in the background; stdout is line-buffered into a pipe."""
+def start_main(workdir, *flags, fresh=False):
+  """Starts main.py in the background; stdout is line-buffered into a pipe. `fresh`: in a new
+  interpreter that still has its imports ahead, not forked from the tests' fork server."""
   return launcher.popen(
       [sys.executable, "main.py", "--config=configs/all_cnn_c.py", f"--workdir={workdir}",
        *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+      env={**os.environ, "PYTHONUNBUFFERED": "1"}, fresh=fresh)
 
 
 def wait_for_line(proc, text, timeout=240):
@@ -454,7 +455,7 @@ def test_a_stop_signal_acts_after_the_current_step_not_the_chunk(tmp_path):
 
 
 def test_a_signal_during_start_up_exits_130_with_one_line(tmp_path):
-  proc = start_main(str(tmp_path), *tiny_flags())
+  proc = start_main(str(tmp_path), *tiny_flags(), fresh=True)
   time.sleep(0.3)  # still importing
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=60)
