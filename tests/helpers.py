@@ -12,7 +12,7 @@ import ml_collections
 from configs import default
 from tests import launcher
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = launcher.ROOT  # the repository root
 TIMING = ("images_per_sec", "elapsed_sec")  # metrics fields that differ between equal runs
 
 

@@ -280,10 +280,13 @@ class Child:
     return self
 
   def __exit__(self, *_: Any) -> None:
+    self._close_streams()
+    self.wait()
+
+  def _close_streams(self) -> None:
     for f in (self.stdout, self.stderr):
       if f is not None:
         f.close()
-    self.wait()
 
   def send_signal(self, sig: int) -> None:
     if self.returncode is None:
@@ -305,9 +308,7 @@ class Child:
       t.join(timeout)
       if t.is_alive():
         raise subprocess.TimeoutExpired(self.args, timeout)
-    for f in (self.stdout, self.stderr):
-      if f is not None:
-        f.close()
+    self._close_streams()
     self.wait(timeout)
     return results.get("out"), results.get("err")
 
