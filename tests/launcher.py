@@ -166,7 +166,10 @@ class _Server:
   """The fork server of this test process, started on first use."""
 
   def __init__(self) -> None:
-    self.path = os.path.join(tempfile.mkdtemp(prefix="allconv-fork-"), "s")
+    folder = tempfile.mkdtemp(prefix="allconv-fork-")
+    if len(folder) > 90:  # a Unix socket's path holds at most 107 bytes
+      folder = tempfile.mkdtemp(prefix="allconv-fork-", dir="/tmp")
+    self.path = os.path.join(folder, "s")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     self.proc = _POPEN([sys.executable, "-c", SERVER, self.path, ",".join(PRELOAD)], cwd=ROOT,
@@ -178,13 +181,22 @@ class _Server:
     os.environ[SERVER_PATH] = self.path  # children start their Python commands here too
 
 
-_server: list[str] = []  # this process's server's socket, once known
+_server: list[str | None] = []  # this process's server's socket, once known
 
 
-def _server_path() -> str:
+def _server_path() -> str | None:
+  """The socket of this process's fork server (started now if need be); None if it cannot
+  start here, and then commands run as fresh interpreters."""
   if not _server:
     inherited = os.environ.get(SERVER_PATH)
-    _server.append(inherited if inherited and os.path.exists(inherited) else _Server().path)
+    if inherited and os.path.exists(inherited):
+      _server.append(inherited)
+    else:
+      try:
+        _server.append(_Server().path)
+      except (OSError, RuntimeError) as e:
+        print(f"tests/launcher.py: no fork server ({e}); fresh interpreters", file=sys.stderr)
+        _server.append(None)
   return _server[0]
 
 
@@ -235,6 +247,7 @@ class Child:
     ends = [null, out_w if out_w is not None else 1, err_w if err_w is not None else 2]
     keep = [fd for fd in {null, out_w, err_w} if fd is not None]
     path = _server_path()
+    assert path is not None, "popen starts a Child only where the server runs"
     request["env"][SERVER_PATH] = path  # the child's own Python commands come here too
     data = json.dumps(request).encode()
     self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -322,7 +335,7 @@ def popen(args: Sequence[str], *, cwd: str = ROOT, env: dict[str, str] | None = 
   """subprocess.Popen(args, cwd=, env=, stdout=, stderr=, text=) through the fork server;
   `fresh`: a new interpreter, for tests of what happens while it imports."""
   request = _request(args) if enabled() and not fresh else None
-  if request is None:
+  if request is None or _server_path() is None:
     return _POPEN(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text)
   request.update(cwd=os.path.abspath(cwd), env=dict(os.environ if env is None else env))
   return Child(args, request, stdout, stderr, text)
