@@ -44,6 +44,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
   sys.pycache_prefix, sys.dont_write_bytecode = _BYTECODE
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+  """An xdist worker ends here, once its results are with the controller ("workerfinished" is
+  sent in pytest_sessionfinish): freeing its thousands of compiled XLA programs and the rest
+  of the interpreter's teardown took 3-6 s at the end of every run. Its fork server sees its
+  stdin close and exits too."""
+  if hasattr(config, "workerinput"):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
   """The tests marked slow first (in their order), so that pytest-xdist hands them out early
   and the workers finish together instead of one waiting for the other's last long test."""
