@@ -48,7 +48,7 @@ def all_finite(tree: Any) -> bool:
   """Whether every floating-point value in `tree` is finite (checked before each save and
   after each restore)."""
   leaves = [x for x in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+            if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
   return bool(_all_finite(leaves)) if leaves else True
 
 

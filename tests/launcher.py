@@ -178,7 +178,6 @@ class _Server:
     if line.strip() != "ready":
       raise RuntimeError(f"the fork server did not start (exit {self.proc.wait()})")
     atexit.register(self.proc.kill)
-    os.environ[SERVER_PATH] = self.path  # children start their Python commands here too
 
 
 _server: list[str | None] = []  # this process's server's socket, once known
@@ -231,8 +230,8 @@ def _request(args: Sequence[str]) -> dict[str, Any] | None:
 class Child:
   """A forked command: the part of subprocess.Popen the tests use."""
 
-  def __init__(self, args: Sequence[str], request: dict[str, Any], stdout: Any, stderr: Any,
-               text: bool) -> None:
+  def __init__(self, path: str, args: Sequence[str], request: dict[str, Any], stdout: Any,
+               stderr: Any, text: bool) -> None:
     self.args, self.returncode, self.stdout, self.stderr = list(args), None, None, None
     null = os.open(os.devnull, os.O_RDWR)
     out_w = err_w = None
@@ -246,8 +245,6 @@ class Child:
       err_w = out_w
     ends = [null, out_w if out_w is not None else 1, err_w if err_w is not None else 2]
     keep = [fd for fd in {null, out_w, err_w} if fd is not None]
-    path = _server_path()
-    assert path is not None, "popen starts a Child only where the server runs"
     request["env"][SERVER_PATH] = path  # the child's own Python commands come here too
     data = json.dumps(request).encode()
     self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -335,10 +332,11 @@ def popen(args: Sequence[str], *, cwd: str = ROOT, env: dict[str, str] | None = 
   """subprocess.Popen(args, cwd=, env=, stdout=, stderr=, text=) through the fork server;
   `fresh`: a new interpreter, for tests of what happens while it imports."""
   request = _request(args) if enabled() and not fresh else None
-  if request is None or _server_path() is None:
+  path = _server_path() if request is not None else None
+  if request is None or path is None:
     return _POPEN(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text)
   request.update(cwd=os.path.abspath(cwd), env=dict(os.environ if env is None else env))
-  return Child(args, request, stdout, stderr, text)
+  return Child(path, args, request, stdout, stderr, text)
 
 
 def run(args: Sequence[str], *, cwd: str = ROOT, env: dict[str, str] | None = None,
