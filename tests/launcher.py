@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -65,7 +66,9 @@ def serve(path):
   while True:
     ready, _, _ = select.select([listener, wake_r, sys.stdin], [], [], 1.0)
     if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1024):
-      return  # the test process is gone
+      os.unlink(path)  # the test process is gone: leave no socket or folder behind
+      os.rmdir(os.path.dirname(path))
+      return
     if wake_r in ready:
       os.read(wake_r, 1024)
     if listener in ready:
@@ -177,7 +180,13 @@ class _Server:
     line = self.proc.stdout.readline()
     if line.strip() != "ready":
       raise RuntimeError(f"the fork server did not start (exit {self.proc.wait()})")
-    atexit.register(self.proc.kill)
+    atexit.register(self.close)
+
+  def close(self) -> None:
+    """Stops the server and removes its socket's folder."""
+    self.proc.kill()
+    self.proc.wait()
+    shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
 
 _server: list[str | None] = []  # this process's server's socket, once known

@@ -78,3 +78,13 @@ def test_a_childs_own_python_commands_fork_from_the_same_server(tmp_path):
   fresh = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
   assert fresh.stdout == "0 False True\n", fresh
+
+
+def test_the_server_removes_its_socket_and_folder_when_the_test_process_goes():
+  server = launcher._Server()
+  folder = os.path.dirname(server.path)
+  assert os.path.exists(server.path)
+  server.proc.stdin.close()  # as when a pytest worker ends with os._exit
+  assert server.proc.wait(timeout=60) == 0
+  assert not os.path.exists(folder)
+  server.close()  # the atexit path, after the server is gone, is harmless
