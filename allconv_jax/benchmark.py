@@ -165,6 +165,13 @@ def prepare(config: Any, steps: int, seed: int) -> Bench:
                mesh_lib.replicate_tree(steps_lib.zero_metrics(), mesh), k, mesh)
 
 
+def convolutions(options: models.ConvOptions) -> str:
+  """Which library runs the convolutions (and the strided input gradient in XLA)."""
+  if options.onednn:
+    return "oneDNN"
+  return f"XLA (strided input gradient {'polyphase' if options.polyphase_grad else 'xla'})"
+
+
 def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0,
               torch_images_per_sec: float | None = None,
               cpu_peak_gflops: float | None = None) -> dict[str, Any]:
@@ -174,8 +181,8 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0,
   device = jax.devices()[0]
   print(f"{config.model.name} width x{config.model.width_multiplier:g} "
         f"({models.count_params(bench.state.params):,} parameters), {config.model.dtype}, "
-        f"batch {config.batch_size}, augment={config.data.augment}, strided input gradient "
-        f"{'polyphase' if bench.model.options.polyphase_grad else 'xla'}, "
+        f"batch {config.batch_size}, augment={config.data.augment}, convolutions: "
+        f"{convolutions(bench.model.options)}, "
         f"on {bench.mesh.size} x {device.device_kind} "
         f"({device.platform}, jax {jax.__version__})", flush=True)
   if device.platform == "cpu":

@@ -164,7 +164,8 @@ def _check_model(model: ml_collections.ConfigDict) -> None:
            model.input_dropout)
   _require(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)", model.dropout)
   for key, allowed in (("dtype", models.DTYPES), ("strided_grad", models.STRIDED_GRADS),
-                       ("kernel_init", models.KERNEL_INITS), ("padding", models.PADDINGS)):
+                       ("conv_impl", models.CONV_IMPLS), ("kernel_init", models.KERNEL_INITS),
+                       ("padding", models.PADDINGS)):
     _require(model[key] in allowed, f"model.{key}", f"must be one of {', '.join(allowed)}",
              model[key])
   _require(model.init_std > 0, "model.init_std", "must be > 0", model.init_std)

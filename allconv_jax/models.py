@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from allconv_jax import conv
+from allconv_jax import conv, onednn
 from allconv_jax.errors import UserError
 
 # Kernel sizes of each stage's convolutions; stage widths are 96 then 192.
@@ -51,6 +51,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # How strided convolutions get their input gradient: XLA's dilated convolution, or the polyphase
 # one of allconv_jax/conv.py (2.2-2.6x faster on XLA:CPU); 'auto' is polyphase on the CPU only.
 STRIDED_GRADS = ("auto", "xla", "polyphase")
+# Which library runs the convolutions with a spatial kernel: XLA's own, or oneDNN through the
+# XLA FFI (allconv_jax/onednn.py: no layout transposes for the weight gradients, AMX for
+# bfloat16; CPU, one device); 'auto' is oneDNN where it can run (a single-device CPU, the
+# library built, the dtype supported by this CPU).
+CONV_IMPLS = ("auto", "xla", "onednn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,15 +211,23 @@ class ConvOptions:
   padding: str = "symmetric"  # see PADDINGS
   dtype: Any = jnp.float32
   polyphase_grad: bool = False  # the input gradient of strided convs from allconv_jax/conv.py
+  onednn: bool = False  # convolutions in oneDNN (allconv_jax/onednn.py)
 
-  def make(self, layer: Conv) -> nn.Conv:
-    """The Flax convolution of `layer` (parameters float32, compute in `dtype`)."""
+  def make(self, layer: Conv) -> nn.Module:
+    """The Flax convolution of `layer` (parameters float32, compute in `dtype`): oneDNN's for a
+    spatial kernel if `onednn`, else flax.linen.Conv (XLA), with the same parameters."""
+    padding = conv_padding(layer, self.padding)
+    kernel_init = kernel_initializer(self.kernel_init, self.init_std)
+    bias_init = nn.initializers.constant(self.bias_init)
+    if self.onednn and layer.kernel > 1:
+      return onednn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
+                         padding=padding, use_bias=self.use_bias, kernel_init=kernel_init,
+                         bias_init=bias_init, dtype=self.dtype, name=layer.name)
     conv_fn = conv.conv_general_dilated if self.polyphase_grad else jax.lax.conv_general_dilated
     return nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
-                   padding=conv_padding(layer, self.padding), use_bias=self.use_bias,
-                   kernel_init=kernel_initializer(self.kernel_init, self.init_std),
-                   bias_init=nn.initializers.constant(self.bias_init), dtype=self.dtype,
-                   param_dtype=jnp.float32, conv_general_dilated=conv_fn, name=layer.name)
+                   padding=padding, use_bias=self.use_bias, kernel_init=kernel_init,
+                   bias_init=bias_init, dtype=self.dtype, param_dtype=jnp.float32,
+                   conv_general_dilated=conv_fn, name=layer.name)
 
 
 class Backbone(nn.Module):
@@ -278,12 +291,29 @@ def create_model(model_config: Any, num_classes: int, relu_rule: str = "standard
   options = ConvOptions(kernel_init=model_config.kernel_init, init_std=model_config.init_std,
                         use_bias=model_config.use_bias, bias_init=model_config.bias_init,
                         padding=model_config.padding, dtype=DTYPES[model_config.dtype],
-                        polyphase_grad=polyphase)
+                        polyphase_grad=polyphase,
+                        onednn=use_onednn(model_config.get("conv_impl", "auto"),
+                                          model_config.dtype))
   return AllConvNet(arch=model_config.name, num_classes=num_classes,
                     width_multiplier=model_config.width_multiplier,
                     final_relu=model_config.final_relu,
                     input_dropout=model_config.input_dropout, dropout=model_config.dropout,
                     options=options, relu_rule=relu_rule)
+
+
+def use_onednn(conv_impl: str, dtype: str) -> bool:
+  """Whether `model.conv_impl` puts the convolutions in oneDNN here; UserError if it asks for
+  oneDNN where it cannot run."""
+  if conv_impl not in CONV_IMPLS:
+    raise UserError(f"unknown model.conv_impl {conv_impl!r}; valid: {', '.join(CONV_IMPLS)}")
+  if conv_impl == "xla":
+    return False
+  why_not = (f"{jax.default_backend()} is not the CPU" if jax.default_backend() != "cpu"
+             else f"it runs on one device, not {jax.device_count()}" if jax.device_count() != 1
+             else onednn.unsupported(dtype))
+  if conv_impl == "onednn" and why_not is not None:
+    raise UserError(f"model.conv_impl=onednn cannot run here: {why_not}")
+  return why_not is None
 
 
 @functools.partial(jax.jit, static_argnames=("model", "image_size"))

@@ -52,6 +52,40 @@ def define_flags() -> None:
 _DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]")
 _CONV = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* convolution\(%([\w.\-]+), "
                    r"%([\w.\-]+)\)(.*)$")
+_FFI = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \(?\w+\[([\d,]*)\].* custom-call\(.*"
+                  r'custom_call_target="allconv_onednn_conv_([fdw])_\w+", '
+                  r"operand_layout_constraints=\{(.*?)\}, api_version.*?op_name=\"([^\"]*)\"")
+_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
+ROLES = {"f": "forward", "d": "input grad", "w": "weight grad"}
+
+
+@dataclasses.dataclass
+class LibraryConv:
+  """A oneDNN convolution (allconv_jax/onednn.py): an FFI call, timed inside the step."""
+  name: str
+  role: str
+  layer: str
+  lhs: tuple[int, ...]
+  out: tuple[int, ...]
+  flops: float
+  ms: float = 0.0
+
+
+def parse_onednn(hlo: str) -> list[LibraryConv]:
+  """The oneDNN convolutions of an optimized HLO module: 2 x output-gradient elements x
+  kernel taps x input channels each, whatever the role."""
+  convs = []
+  for line in hlo.splitlines():
+    if not (m := _FFI.match(line)):
+      continue
+    name, out, role, operands, op = m.groups()
+    shapes = [tuple(int(d) for d in dims.split(",") if d) for dims in _SHAPE.findall(operands)]
+    out = tuple(int(d) for d in out.split(",") if d)
+    grad_like = {"f": out, "d": shapes[0], "w": shapes[1]}[role]
+    kernel = out if role == "w" else shapes[1]
+    flops = 2.0 * float(np.prod(grad_like)) * kernel[0] * kernel[1] * kernel[2]
+    convs.append(LibraryConv(name, ROLES[role], op.split("/")[-2], shapes[0], out, flops))
+  return convs
 
 
 @dataclasses.dataclass
@@ -210,6 +244,8 @@ def traced_thunks(step: Any, args: tuple[Any, ...]) -> dict[str, float]:
 
 
 def category(name: str) -> str:
+  if name.startswith("ffi_call"):
+    return "oneDNN calls"
   if "transpose" in name or name.startswith("copy"):
     return "layout copies (transposes)"
   if name.startswith(("ynn_fusion", "xnn_fusion", "dot")):
@@ -256,7 +292,11 @@ def main(argv: list[str]) -> None:
     step_ms = 1e3 * median_seconds(step, *args, repeats=FLAGS.repeats)
     convs = parse_convs(hlo, config.batch_size)
     time_convs(convs, FLAGS.repeats)
-    print(report(config, step_ms, convs, traced_thunks(step, args), FLAGS.top), flush=True)
+    thunks = traced_thunks(step, args)
+    library = parse_onednn(hlo)
+    for conv in library:  # timed in the trace of the step
+      conv.ms = thunks.pop(conv.name, 0.0)
+    print(report(config, step_ms, [*convs, *library], thunks, FLAGS.top), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.padding = "symmetric"
   config.model.dtype = "float32"
   config.model.strided_grad = "auto"
+  config.model.conv_impl = "auto"
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "tfds"

@@ -18,6 +18,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Shared preprocessing statistics (data/preprocessing.py) go to a folder of this session.
+# The workers share the cores: oneDNN's convolutions (tiny here) run on one thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("ALLCONV_CACHE_DIR", tempfile.mkdtemp(prefix="allconv-jax-statistics-"))
 
 

@@ -16,6 +16,20 @@ ROOT = launcher.ROOT  # the repository root
 TIMING = ("images_per_sec", "elapsed_sec")  # metrics fields that differ between equal runs
 
 
+def require_onednn() -> None:
+  """Skips off x86-64 Linux, where the oneDNN convolutions are not built; there, fails unless
+  they built (requirements.txt installs oneDNN; the machine needs a C++ compiler)."""
+  import platform
+
+  import pytest
+
+  from allconv_jax import onednn
+
+  if platform.machine() != "x86_64" or platform.system() != "Linux":
+    pytest.skip("the oneDNN convolutions are built on x86-64 Linux only")
+  assert onednn.unavailable() is None, onednn.unavailable()
+
+
 def untimed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """Metrics records without their timing fields."""
   return [{k: v for k, v in r.items() if k not in TIMING} for r in records]

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from allconv_jax import benchmark, models, steps
-from tests import launcher
+from tests import helpers, launcher
 from tests.helpers import ROOT, tiny_config
 
 TINY = ("--config=configs/all_cnn_c.py", "--config.model.width_multiplier=0.05",
@@ -40,7 +40,9 @@ def test_benchmark_cli(dtype: str) -> None:
                        "--cpu_peak_gflops=200")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f", {dtype}, batch 16," in proc.stdout
-  assert "strided input gradient polyphase, on 1 x cpu" in proc.stdout  # auto on the CPU
+  on_onednn = models.use_onednn("auto", dtype)  # auto on the CPU
+  library = "oneDNN" if on_onednn else "XLA (strided input gradient polyphase)"
+  assert f"convolutions: {library}, on 1 x cpu" in proc.stdout
   ips = check_output(proc.stdout)
   tflops = float(re.search(r"achieved (\d+\.\d+) TFLOP/s", proc.stdout).group(1))
   fraction = re.search(r"^peak fraction: (\d+\.\d)% of the CPU's float32 limit \(200 GFLOP/s: "
@@ -131,6 +133,7 @@ def test_profile_finds_every_convolution_of_the_step_with_its_role_and_flops() -
   from benchmarks import profile_step
 
   config = tiny_config(batch_size=8)  # All-CNN-C: SAME, VALID and strided layers
+  config.model.conv_impl = "xla"
   step, args = profile_step.build_step(config)
   convs = profile_step.parse_convs(step.lower(*args).compile().as_text(), 8)
   for role, expected in expected_conv_flops(config).items():
@@ -143,3 +146,28 @@ def test_profile_finds_every_convolution_of_the_step_with_its_role_and_flops() -
   assert all(c.ms > 0 for c in convs)
   table = profile_step.report(config, 10.0, convs, {"transpose_copy_fusion": 1.0}, top=3)
   assert "| layout copies (transposes) | 1.0 | 10% | - |" in table
+
+
+def test_profile_finds_every_onednn_convolution_with_its_role_and_flops() -> None:
+  """With oneDNN convolutions (allconv_jax/onednn.py), every role of every 3x3 layer is one FFI
+  call with the forward pass's FLOPs (the first layer's input gradient is not computed); the
+  report counts their traced times as convolutions, not as other thunks."""
+  from benchmarks import profile_step
+
+  helpers.require_onednn()
+  config = tiny_config(batch_size=8)
+  config.model.conv_impl = "onednn"
+  step, args = profile_step.build_step(config)
+  convs = profile_step.parse_onednn(step.lower(*args).compile().as_text())
+  forward = expected_conv_flops(config)["forward"]
+  for role in ("forward", "weight grad", "input grad"):
+    got = {c.layer: c.flops for c in convs if c.role == role}
+    assert got == {k: v for k, v in forward.items()
+                   if role != "input grad" or k != "stage1_conv1"}, role
+  thunks = {c.name: 0.25 for c in convs}  # as traced_thunks names them
+  for conv in convs:
+    conv.ms = thunks.pop(conv.name)
+  table = profile_step.report(config, 10.0, convs, {**thunks, "fusion": 1.0}, top=3)
+  weight_grads = sum(c.role == "weight grad" for c in convs)
+  assert f"| convolutions: weight grad | {0.25 * weight_grads:.1f} |" in table
+  assert "| elementwise and other fusions | 1.0 | 10% | - |" in table

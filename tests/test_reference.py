@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from allconv_jax import models, visualize
+from tests import helpers
 from tests import numpy_reference as ref
 
 ALL = [f"{v}_{b}" for b in "abc" for v in ("model", "strided_cnn", "convpool_cnn", "all_cnn")]
@@ -26,9 +27,10 @@ RTOL = 1e-4
 
 
 def setup(name: str, classes: int = 10, padding: str = "symmetric", polyphase: bool = False,
-          relu_rule: str = "standard", use_bias: bool = True):
+          relu_rule: str = "standard", use_bias: bool = True, onednn: bool = False):
   """(model, float32 params with random biases, float64 copy by layer name, images, labels)."""
-  options = models.ConvOptions(padding=padding, polyphase_grad=polyphase, use_bias=use_bias)
+  options = models.ConvOptions(padding=padding, polyphase_grad=polyphase, use_bias=use_bias,
+                               onednn=onednn)
   model = models.AllConvNet(arch=name, num_classes=classes, width_multiplier=WIDTH,
                             options=options, relu_rule=relu_rule)
   shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
@@ -56,9 +58,10 @@ def assert_close(ours, theirs, what: str) -> None:
 
 
 def check_against_reference(name: str, classes: int = 10, padding: str = "symmetric",
-                            polyphase: bool = False, use_bias: bool = True) -> None:
+                            polyphase: bool = False, use_bias: bool = True,
+                            onednn: bool = False) -> None:
   model, params, params64, images, labels = setup(name, classes, padding, polyphase,
-                                                  use_bias=use_bias)
+                                                  use_bias=use_bias, onednn=onednn)
 
   def loss_fn(p):
     logits = model.apply({"params": p}, images, train=False)
@@ -94,6 +97,13 @@ def test_strided_nets_match_reference(name, padding, polyphase):
 @pytest.mark.parametrize("polyphase", [False, True], ids=["xla_grad", "polyphase_grad"])
 def test_cifar100_head_matches_reference(polyphase):
   check_against_reference("all_cnn_c", classes=100, polyphase=polyphase)
+
+
+@pytest.mark.parametrize("name, padding", [(n, "symmetric") for n in ALL]
+                         + [(n, "tf_same") for n in STRIDED])
+def test_onednn_convolutions_match_reference(name, padding):
+  helpers.require_onednn()
+  check_against_reference(name, padding=padding, onednn=True)
 
 
 def test_without_biases_matches_reference():
