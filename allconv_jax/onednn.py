@@ -15,8 +15,8 @@ layers with a spatial kernel (XLA makes 1x1 layers matrix products).
 The library is compiled on first use (about 8 s) with the system's C++ compiler against the
 oneDNN of the pip packages `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` (x86-64 Linux; in
 requirements.txt), into `$XDG_CACHE_HOME/allconv-jax/onednn/` (`~/.cache/...`), one file per
-source, jaxlib and compiler. `unavailable()` says why it cannot be used here, or None;
-`unsupported(dtype)` also tries the dtype on this CPU.
+source, jaxlib, compiler and oneDNN version. `unavailable()` says why it cannot be used here,
+or None; `unsupported(dtype)` also tries the dtype on this CPU.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def _build(compiler: str, prefix: str) -> str:
   """The compiled library's path, built now (under a file lock) if this cache lacks it."""
   with open(SOURCE, "rb") as f:
     key = hashlib.sha256(f.read())
-  key.update(f"{jaxlib.__version__} {compiler} {os.path.realpath(prefix)}".encode())
+  library = os.path.realpath(os.path.join(prefix, "lib", "libdnnl.so"))  # names its version
+  key.update(f"{jaxlib.__version__} {compiler} {library}".encode())
   folder = _cache_dir()
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f"onednn_conv-{key.hexdigest()[:16]}.so")
@@ -79,11 +80,14 @@ def _build(compiler: str, prefix: str) -> str:
       cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", SOURCE, "-o", tmp,
              f"-I{jax.ffi.include_dir()}", f"-I{os.path.join(prefix, 'include')}", f"-L{lib}",
              "-ldnnl", f"-Wl,-rpath,{lib}"]
-      done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-      if done.returncode != 0:
-        os.unlink(tmp)
-        raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-400:]}")
-      os.replace(tmp, path)  # whole or absent: never a half-written library
+      try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+          raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-400:]}")
+        os.replace(tmp, path)  # whole or absent: never a half-written library
+      finally:
+        if os.path.exists(tmp):
+          os.unlink(tmp)
   return path
 
 

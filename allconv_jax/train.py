@@ -92,6 +92,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> transfer.Source 
   if adopted:
     log(f"from transfer.source: {', '.join(adopted)}")
   source = transfer.check_source(config)
+  models.use_onednn(config.model.conv_impl, config.model.dtype)  # conv_impl=onednn can run here
   input_pipeline.check_available(config.data)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} exists and is not a folder")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ import pytest
 from allconv_jax import models, onednn
 from allconv_jax.errors import UserError
 from configs import default
-from tests import helpers
+from tests import helpers, launcher
 
 DN = ("NHWC", "HWIO", "NHWC")
 # (image size, kernel, strides, pads, input channels): the nets' 3x3 and 5x5 layers, Caffe's
@@ -73,10 +74,11 @@ def test_spatial_kernels_go_to_onednn_with_flax_parameters():
     assert all(jax.tree.leaves(chex_equal)), "the same initial parameters as flax.linen.Conv"
 
 
-def test_a_failed_build_leaves_no_library(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiler", ["false", "/no/such/compiler"])
+def test_a_failed_build_leaves_no_library(compiler, tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  with pytest.raises(OSError, match="failed"):
-    onednn._build("false", onednn._prefix() or str(tmp_path))
+  with pytest.raises(OSError, match="failed" if compiler == "false" else "No such file"):
+    onednn._build(compiler, onednn._prefix() or str(tmp_path))
   assert not [f for f in os.listdir(tmp_path / "allconv-jax" / "onednn")
               if not f.endswith(".lock")]
 
@@ -90,11 +92,10 @@ def test_conv_impl_setting(monkeypatch):
                                ("onednn", "float32", True), ("auto", "bfloat16", bf16)):
     config.model.conv_impl, config.model.dtype = setting, dtype
     assert models.create_model(config.model, 10).options.onednn is want
-  config.model.conv_impl, config.model.dtype = "onednn", "float16"
   with pytest.raises(UserError, match="conv_impl=onednn cannot run here: oneDNN convolutions "
                      "take float32 or bfloat16, not float16"):
     models.use_onednn("onednn", "float16")
-  config.model.dtype = "float32"
+  config.model.conv_impl, config.model.dtype = "onednn", "float32"
   monkeypatch.setattr(jax, "device_count", lambda: 4)
   with pytest.raises(UserError, match="it runs on one device, not 4"):
     models.create_model(config.model, 10)
@@ -137,3 +138,17 @@ def test_bfloat16_is_as_close_to_float32_as_xlas_bfloat16(name):
                    for a, b in zip(got[1:], exact[1:], strict=True)]
   assert max(errors["onednn"]) <= 1.5 * max(errors["xla"]), errors
   assert np.median(errors["onednn"]) <= 1.5 * np.median(errors["xla"]), errors
+
+
+def test_onednn_on_two_devices_is_one_line_before_any_compute(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  r = launcher.run([sys.executable, os.path.join(helpers.ROOT, "main.py"),
+                    "--config=configs/all_cnn_c.py", f"--workdir={tmp_path / 'w'}",
+                    "--config.data.source=synthetic", "--config.model.conv_impl=onednn"],
+                   cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and (
+      "model.conv_impl=onednn cannot run here: it runs on one device, not 2" in lines[0]), r.stderr
+  assert not (tmp_path / "w").exists()

@@ -169,6 +169,7 @@ def test_freeze_masks_updates_decay_and_momentum_buffers():
     ("--config.num_epochs=ten", "--config.num_epochs=ten"),
     ("--config.data.source=ftp", "data.source"),
     ("--config.model.strided_grad=fast", "'model.strided_grad' must be one of auto, xla"),
+    ("--config.model.conv_impl=fast", "'model.conv_impl' must be one of auto, xla, onednn"),
 ])
 def test_bad_config_is_one_line(flag, message):
   """The message of each bad override (read the way main.py and the sweep read it)."""
