@@ -244,8 +244,6 @@ def traced_thunks(step: Any, args: tuple[Any, ...]) -> dict[str, float]:
 
 
 def category(name: str) -> str:
-  if name.startswith("ffi_call"):
-    return "oneDNN calls"
   if "transpose" in name or name.startswith("copy"):
     return "layout copies (transposes)"
   if name.startswith(("ynn_fusion", "xnn_fusion", "dot")):

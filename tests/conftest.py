@@ -17,9 +17,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# Shared preprocessing statistics (data/preprocessing.py) go to a folder of this session.
 # The workers share the cores: oneDNN's convolutions (tiny here) run on one thread each.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Shared preprocessing statistics (data/preprocessing.py) go to a folder of this session.
 os.environ.setdefault("ALLCONV_CACHE_DIR", tempfile.mkdtemp(prefix="allconv-jax-statistics-"))
 
 
