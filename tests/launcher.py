@@ -52,6 +52,9 @@ from jax._src import xla_bridge
 assert not xla_bridge._backends, "a preloaded module started a jax backend"
 from allconv_jax.data import synthetic
 synthetic.make_synthetic("cifar10", "fine")  # the tiny runs' data, generated once for every child
+from allconv_jax import onednn
+onednn.unavailable()  # oneDNN loaded and its FFI targets registered once (no thread started yet)
+assert not xla_bridge._backends, "loading oneDNN started a jax backend"
 
 def serve(path):
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
