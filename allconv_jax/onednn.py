@@ -159,10 +159,8 @@ def conv(x: jax.Array, w: jax.Array, bias: jax.Array, strides: tuple[int, int],
          pads: Pads) -> jax.Array:
   """conv(x, w) + bias: x NHWC and w HWIO both float32 or both bfloat16, bias float32, explicit
   pads; the result in x's dtype. Forward pass and gradients in oneDNN (the bias's float32)."""
-  n, h, wd, _ = x.shape
-  out = ((h + sum(pads[0]) - w.shape[0]) // strides[0] + 1,
-         (wd + sum(pads[1]) - w.shape[1]) // strides[1] + 1)
-  y = jax.ShapeDtypeStruct((n, *out, w.shape[3]), x.dtype)
+  shape = lax.conv_general_shape_tuple(x.shape, w.shape, strides, pads, ("NHWC", "HWIO", "NHWC"))
+  y = jax.ShapeDtypeStruct(tuple(int(d) for d in shape), x.dtype)
   return _call("f", [y], x, w, bias, strides=strides, pads=pads)
 
 
