@@ -1,4 +1,9 @@
-"""Orbax checkpoints in `workdir/checkpoints/<step>/`: save, prune, verify and restore."""
+"""Orbax checkpoints in `workdir/checkpoints/<step>/`: save, prune, verify and restore; and a
+trained run read back (`load_run`: its config, network and parameters) for the tools and for
+transfer learning.
+
+A checkpoint holds {"state": optim.TrainState, "sums": metrics.zeros()-shaped running sums}.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from allconv_jax import workdir as wd
+from allconv_jax import cpu, files, input_pipeline, metrics, models, optim
+from allconv_jax.config import with_legacy_values
 from allconv_jax.errors import UserError
 
 ITEM = "default"  # the item folder CheckpointManager writes for a single unnamed item
@@ -62,15 +69,15 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int = 3) -> None:
     self.workdir = workdir
-    self.directory = wd.path(os.path.abspath(workdir), wd.CHECKPOINTS)
+    self.directory = files.path(os.path.abspath(workdir), files.CHECKPOINTS)
     self.keep = keep
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                              enable_async_checkpointing=False))
-    path = wd.path(workdir, wd.BEST)
+    path = files.path(workdir, files.BEST)
     # Kept in memory so that every process of a multi-host run prunes the same steps.
-    self._best: dict[str, Any] | None = wd.read_json(path) if os.path.exists(path) else None
+    self._best: dict[str, Any] | None = files.read_json(path) if os.path.exists(path) else None
 
   def steps(self) -> list[int]:
     """Finished checkpoint steps, oldest first."""
@@ -85,9 +92,9 @@ class Checkpoints:
     self._best = best
     if jax.process_index() != 0:
       return
-    path = wd.path(self.workdir, wd.BEST)
+    path = files.path(self.workdir, files.BEST)
     if best is not None:
-      wd.write_json(path, best)
+      files.write_json(path, best)
     elif os.path.exists(path):
       os.remove(path)
 
@@ -104,7 +111,7 @@ class Checkpoints:
         raise
       raise cause from None  # disk full, folder removed: one line (cli.user_errors)
     if jax.process_index() == 0:
-      wd.write_json(os.path.join(self.directory, str(step), CHECKSUMS),
+      files.write_json(os.path.join(self.directory, str(step), CHECKSUMS),
                  step_checksums(os.path.join(self.directory, str(step))))
     if best is not None:
       self._set_best({**best, "step": step})
@@ -131,7 +138,7 @@ class Checkpoints:
     if not os.path.isdir(path):
       raise FileNotFoundError(f"{path} is missing")
     if os.path.exists(os.path.join(folder, CHECKSUMS)):  # steps saved before they existed: none
-      if wd.read_json(os.path.join(folder, CHECKSUMS)) != step_checksums(folder):
+      if files.read_json(os.path.join(folder, CHECKSUMS)) != step_checksums(folder):
         raise ValueError("its files do not match the checksums saved with it")
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(path, abstract)
@@ -148,6 +155,8 @@ class Checkpoints:
         tree = self.restore(step, target)
         if not all_finite(tree):
           raise ValueError("it holds non-finite values")
+        if isinstance(tree, dict) and "state" in tree and int(tree["state"].step) != step:
+          raise ValueError(f"its train state is at step {int(tree['state'].step)}, not {step}")
         return step, tree
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else \
@@ -156,7 +165,7 @@ class Checkpoints:
           print(f"warning: checkpoint {self.directory}/{step} is unusable ({reason}); trying "
                 "the previous one", file=sys.stderr, flush=True)
           continue
-        aside = os.path.join(wd.path(self.workdir, wd.CORRUPT), str(step))
+        aside = os.path.join(files.path(self.workdir, files.CORRUPT), str(step))
         if self._best is not None and self._best["step"] == step:
           self._set_best(None)
         if jax.process_index() == 0:
@@ -168,9 +177,78 @@ class Checkpoints:
               flush=True)
         logging.info("skipped corrupt checkpoint %d: %s", step, reason)
     if steps:
+      advice = ("set --config.restart=True to start over" if move_aside  # the run's own trainer
+                else "retrain the run or restore its checkpoints from a copy")
       raise UserError(f"no usable checkpoint in {self.directory} (tried steps "
-                      f"{', '.join(map(str, steps))}); set --config.restart=True to start over")
+                      f"{', '.join(map(str, steps))}); {advice}")
     return None
 
   def close(self) -> None:
     self.manager.close()
+
+
+# ----------------------------------------------------------------------------- a trained run
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run saved in its workdir; UserError if there is none."""
+  config_path = files.path(workdir, files.CONFIG)
+  if not os.path.isdir(workdir):
+    raise UserError(f"{workdir} does not exist")
+  if not os.path.exists(config_path):
+    raise UserError(f"{workdir} is not a run's workdir (no config.json)")
+  saved = files.read_json(config_path)
+  if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+    raise UserError(f"{config_path} holds no run config")
+  return ml_collections.ConfigDict(with_legacy_values(saved))
+
+
+def load_checkpoint(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict,
+                                                                  Any, int]:
+  """(config, params, step) of a run's newest usable ('latest') or best checkpoint; UserError
+  if it has none that can be read. Nothing in the run's workdir is changed."""
+  workdir = os.path.abspath(workdir)
+  config = read_run_config(workdir)
+  model = models.create_model(config.model, input_pipeline.num_classes(config.data),
+                              cpu.Convolutions())  # the parameters' shapes do not depend on it
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def abstract_tree() -> Any:
+    params = models.init_params(model, jax.random.key(0))
+    tx = optim.make_optimizer(config.optimizer, 1, params)
+    return {"state": optim.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)),
+            "sums": metrics.zeros()}
+
+  target = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+      jax.eval_shape(abstract_tree))
+  ckpts = Checkpoints(workdir)
+  try:
+    if which == "best":
+      best = ckpts.best()
+      if best is None:
+        raise UserError(f"{workdir} has no best checkpoint (it ran without a validation set); "
+                        "use the latest")
+      try:
+        step, tree = best["step"], ckpts.restore(best["step"], target)
+      except Exception as e:  # noqa: BLE001 - a missing or broken checkpoint is the user's to fix
+        raise UserError(f"the best checkpoint of {workdir} (step {best['step']}) cannot be "
+                        f"read ({type(e).__name__}); use the latest") from None
+    else:
+      restored = ckpts.restore_newest(target, move_aside=False)
+      if restored is None:
+        raise UserError(f"{workdir} has no checkpoints")
+      step, tree = restored
+  finally:
+    ckpts.close()
+  return config, tree["state"].params, step
+
+
+def load_run(workdir: str, which: str = "latest") -> tuple[ml_collections.ConfigDict,
+                                                           models.AllConvNet, Any]:
+  """(config, network, params) of a trained run, the network's convolutions chosen for this
+  machine (cpu.choose)."""
+  config, params, _ = load_checkpoint(workdir, which)
+  convs = cpu.choose(config.model.conv_impl, config.model.strided_grad, config.model.dtype)
+  model = models.create_model(config.model, input_pipeline.num_classes(config.data), convs)
+  return config, model, params

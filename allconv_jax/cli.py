@@ -14,9 +14,11 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from allconv_jax import config_lib
+from allconv_jax.config import did_you_mean, flatten, get_config, validate
 from allconv_jax.errors import UserError
-from configs import default
+
+# The repository holding configs/ (an editable install or a checkout); config names resolve there.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -102,23 +104,59 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def unknown_override(args: Sequence[str]) -> str | None:
-  """The error line for the first --config.KEY override naming no key of configs/default.py."""
-  known = dict(config_lib.flatten(default.get_config()))
+  """The error line for the first --config.KEY override naming no key of the default config."""
+  known = dict(flatten(get_config()))
   for arg in args:
     key = arg.split("=", 1)[0].removeprefix("--config.")
     if arg.startswith("--config.") and key not in known:
-      return (f"unknown config key {key!r} in {arg}{config_lib.did_you_mean(key, known)}; "
-              "see README.md, 'Config keys'")
+      return (f"unknown config key {key!r} in {arg}{did_you_mean(key, known)}; "
+              "see docs/config.md")
   return None
+
+
+def resolve_config(spec: str) -> str:
+  """A config file as every tool takes it: FILE[:ARG], where FILE is a path (from the current
+  folder), a path inside the repository ('configs/all_cnn_c.py') or a bare name ('all_cnn_c');
+  the result names an existing file by its absolute path. UserError if there is none."""
+  name, colon, arg = spec.partition(":")
+  stem = name.removesuffix(".py")
+  candidates = [name, os.path.join(REPO_ROOT, name)]
+  if os.sep not in name:
+    candidates.append(os.path.join(REPO_ROOT, "configs", f"{stem}.py"))
+  for path in candidates:
+    if path and os.path.isfile(path):
+      return os.path.abspath(path) + colon + arg
+  raise UserError(f"config file {name} not found (a path, or a name in "
+                  f"{os.path.join(REPO_ROOT, 'configs')}, e.g. all_cnn_c)")
+
+
+def resolve_config_flag(argv: list[str]) -> list[str]:
+  """argv with the value of --config=FILE[:ARG] (or --config FILE) resolved by resolve_config;
+  one that names no file is left as it is, for the flag's own error."""
+
+  def resolved(spec: str) -> str:
+    try:
+      return resolve_config(spec)
+    except UserError:
+      return spec
+
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      out[i] = "--config=" + resolved(arg.removeprefix("--config="))
+    elif arg == "--config" and i + 1 < len(out):
+      out[i + 1] = resolved(out[i + 1])
+  return out
 
 
 def config_from_file(config_file: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """The config `--config=FILE OVERRIDES...` gives main.py, validated; UserError if bad."""
+  config_file = resolve_config(config_file)
   argv = ["allconv", f"--config={config_file}", *overrides]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
                                   lock_config=True, sys_argv=argv)
-  name = os.path.basename(config_file)
+  name = os.path.basename(config_file.partition(":")[0])
   try:
     values(argv)
     config = values.config
@@ -130,7 +168,7 @@ def config_from_file(config_file: str, overrides: Sequence[str]) -> ml_collectio
     raise UserError(unknown_override(overrides) or f"could not load {config_file}: "
                     f"{lines[-1] if lines else type(e).__name__}") from None
   try:
-    config_lib.validate(config)
+    validate(config)
   except UserError as e:
     raise UserError(f"{name}: {e}") from None
   return config

@@ -1,12 +1,13 @@
 """The input pipeline: CIFAR-10/100 from a source, class selection, the validation split, and
-the entry points of preprocessing and augmentation (the work is done in `allconv_jax.data`).
+the preprocessed splits on the devices (the dataset lives there; each batch is gathered there).
 
 Table of contents:
   data/cifar.py          class names, superclasses, the course's subsets, label spaces
   data/local_files.py    the official python/binary folders (`data.source=local`)
   data/tfds_source.py    TensorFlow Datasets (`data.source=tfds`, imported lazily)
   data/synthetic.py      a learnable stand-in with no files (`data.source=synthetic`)
-  this file              availability check, class selection, train/validation/test splits
+  this file              availability check, class selection, train/validation/test splits,
+                         the device mesh and the splits on it
   data/preprocessing.py  GCN + ZCA (pylearn2's, as the paper used) and mean/std statistics
   data/augmentation.py   random flips and translations, on the device
 
@@ -20,23 +21,20 @@ import dataclasses
 import importlib.util
 from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from allconv_jax.data import cifar, local_files, synthetic, tfds_source
 from allconv_jax.data.augmentation import augment
 from allconv_jax.data.cifar import Raw, class_names, num_classes
-from allconv_jax.data.preprocessing import (
-  apply_preprocessing,
-  fit_or_share,
-  fit_preprocessing,
-  load_preprocessing,
-  save_preprocessing,
-)
+from allconv_jax.data.preprocessing import apply_preprocessing
 from allconv_jax.errors import UserError
 
-__all__ = ["Splits", "augment", "apply_preprocessing", "check_available", "class_names",
-           "fit_or_share", "fit_preprocessing", "load_preprocessing", "load_splits", "num_classes",
-           "save_preprocessing"]
+__all__ = ["DeviceData", "EvalSet", "Splits", "augment", "apply_preprocessing", "check_available",
+           "class_names", "load_splits", "make_mesh", "num_classes", "put_on_devices",
+           "replicate", "replicate_tree"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -149,3 +147,88 @@ def load_splits(data_config: Any, seed: int) -> Splits:
     test_labels=np.ascontiguousarray(test_labels, dtype=np.int32),
     class_names=raw.class_names,
   )
+
+
+# ----------------------------------------------------------------------------- on the devices
+
+
+def make_mesh() -> Mesh:
+  """A one-axis ('data') mesh over every device of every process."""
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+def replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A global array with a full copy on every device (works across hosts)."""
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda idx: x[idx])
+
+
+def replicate_tree(tree: Any, mesh: Mesh) -> Any:
+  """`replicate` for every leaf of a tree of host or single-device arrays.
+
+  Through host memory on purpose: with several processes, `jax.device_put` of a single-device
+  jax array onto a mesh that spans processes gives a broken array (seen with jax 0.10.2).
+  """
+  return jax.tree_util.tree_map(lambda x: replicate(np.asarray(x), mesh), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """An evaluation split padded and cut into batches: (num_batches, batch, ...) plus a mask."""
+  images: jax.Array
+  labels: jax.Array
+  mask: jax.Array
+  size: int
+
+
+def make_eval_set(images: np.ndarray, labels: np.ndarray, batch: int, mesh: Mesh) -> EvalSet:
+  """A split padded to whole batches of at least `batch` (a multiple of the device count)."""
+  n = len(labels)
+  batch = max(1, min(batch, n)) if n else 1
+  batch = -(-batch // mesh.size) * mesh.size
+  nb = max(1, -(-n // batch)) if n else 0
+  pad = nb * batch - n
+  imgs = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+  labs = np.concatenate([labels, np.zeros((pad,), labels.dtype)]).astype(np.int32)
+  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  return EvalSet(replicate(imgs.reshape(nb, batch, *images.shape[1:]), mesh),
+                 replicate(labs.reshape(nb, batch), mesh), replicate(mask.reshape(nb, batch),
+                                                                     mesh), n)
+
+
+def check_batch(batch_size: int, num_train: int, mesh: Mesh) -> None:
+  """The batch must fit the training set and split evenly over the devices."""
+  if batch_size > num_train:
+    raise UserError(f"batch_size ({batch_size}) is larger than the training set "
+                    f"({num_train} images)")
+  if batch_size % mesh.size:
+    raise UserError(f"batch_size ({batch_size}) must be a multiple of the number of devices "
+                    f"({mesh.size})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceData:
+  """The preprocessed splits on the devices: the training set whole, the others in batches."""
+  train_images: jax.Array
+  train_labels: jax.Array
+  val: EvalSet
+  test: EvalSet
+  class_names: tuple[str, ...]
+
+  @property
+  def num_train(self) -> int:
+    return int(self.train_labels.shape[0])
+
+
+def put_on_devices(splits: Splits, stats: dict[str, Any], eval_batch_size: int,
+                   mesh: Mesh) -> DeviceData:
+  """Preprocesses every split with the fitted statistics and puts it on the devices."""
+
+  def prep(x: np.ndarray) -> np.ndarray:
+    return apply_preprocessing(stats, x)
+
+  return DeviceData(
+      train_images=replicate(prep(splits.train_images), mesh),
+      train_labels=replicate(splits.train_labels.astype(np.int32), mesh),
+      val=make_eval_set(prep(splits.val_images), splits.val_labels, eval_batch_size, mesh),
+      test=make_eval_set(prep(splits.test_images), splits.test_labels, eval_batch_size, mesh),
+      class_names=splits.class_names)

@@ -7,12 +7,14 @@ r"""The training program behind main.py and the `allconv-train` command: flags, 
 """
 
 import signal
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from allconv_jax import cli, config_lib, input_pipeline, models, train
+from allconv_jax import cli, cpu, input_pipeline, models, train
+from allconv_jax.config import validate
 from allconv_jax.errors import exit_now
 
 FLAGS = flags.FLAGS
@@ -41,8 +43,9 @@ def main(argv: list[str]) -> None:
   with cli.interruptions(train.Interrupted):
     with cli.user_errors():
       if FLAGS.summary:
-        config_lib.validate(config)
-        model = models.create_model(config.model, input_pipeline.num_classes(config.data))
+        validate(config)
+        model = models.create_model(config.model, input_pipeline.num_classes(config.data),
+                                    cpu.Convolutions())  # the layer table is the same for all
         print(models.summary(model))
         return
       if not FLAGS.workdir:
@@ -61,4 +64,8 @@ def run() -> None:
   signal.signal(signal.SIGTERM, exit_now)
   define_flags()
   cli.program_help(__doc__)
-  app.run(main, flags_parser=cli.parse_config_flags)
+  app.run(main, argv=cli.resolve_config_flag(sys.argv), flags_parser=cli.parse_config_flags)
+
+
+if __name__ == "__main__":  # what the sweep and the study run: `python -m allconv_jax.launch`
+  run()

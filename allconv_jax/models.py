@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from allconv_jax import conv, onednn
+from allconv_jax import cpu
 from allconv_jax.errors import UserError
 
 # Kernel sizes of each stage's convolutions; stage widths are 96 then 192.
@@ -48,14 +48,6 @@ KERNEL_INITS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "l
 PADDINGS = ("symmetric", "tf_same")
 RELU_RULES = ("standard", "guided", "deconvnet")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# How strided convolutions get their input gradient: XLA's dilated convolution, or the polyphase
-# one of allconv_jax/conv.py (2.2-2.6x faster on XLA:CPU); 'auto' is polyphase on the CPU only.
-STRIDED_GRADS = ("auto", "xla", "polyphase")
-# Which library runs the convolutions with a spatial kernel: XLA's own, or oneDNN through the
-# XLA FFI (allconv_jax/onednn.py: no layout transposes for the weight gradients, AMX for
-# bfloat16; CPU, one device); 'auto' is oneDNN where it can run (a single-device CPU, the
-# library built, the dtype supported by this CPU).
-CONV_IMPLS = ("auto", "xla", "onednn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,31 +195,24 @@ def relu(x: jax.Array, rule: str = "standard") -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class ConvOptions:
-  """How every convolution of a network is built: init, biases, padding, dtype, gradient."""
+  """How every convolution of a network is built: init, biases, padding, dtype, and which code
+  runs it (`cpu.Convolutions`: XLA, the reference, unless cpu.choose picked otherwise)."""
   kernel_init: str = "he_normal"
   init_std: float = 0.05  # for kernel_init='gaussian'
   use_bias: bool = True
   bias_init: float = 0.0
   padding: str = "symmetric"  # see PADDINGS
   dtype: Any = jnp.float32
-  polyphase_grad: bool = False  # the input gradient of strided convs from allconv_jax/conv.py
-  onednn: bool = False  # convolutions in oneDNN (allconv_jax/onednn.py)
+  convolutions: cpu.Convolutions = cpu.Convolutions()
 
   def make(self, layer: Conv) -> nn.Module:
-    """The Flax convolution of `layer` (parameters float32, compute in `dtype`): oneDNN's for a
-    spatial kernel if `onednn`, else flax.linen.Conv (XLA), with the same parameters."""
-    padding = conv_padding(layer, self.padding)
-    kernel_init = kernel_initializer(self.kernel_init, self.init_std)
-    bias_init = nn.initializers.constant(self.bias_init)
-    if self.onednn and layer.kernel > 1:
-      return onednn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
-                         padding=padding, use_bias=self.use_bias, kernel_init=kernel_init,
-                         bias_init=bias_init, dtype=self.dtype, name=layer.name)
-    conv_fn = conv.conv_general_dilated if self.polyphase_grad else jax.lax.conv_general_dilated
-    return nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
-                   padding=padding, use_bias=self.use_bias, kernel_init=kernel_init,
-                   bias_init=bias_init, dtype=self.dtype, param_dtype=jnp.float32,
-                   conv_general_dilated=conv_fn, name=layer.name)
+    """The Flax convolution of `layer` (parameters float32, compute in `dtype`)."""
+    return cpu.conv_layer(self.convolutions, features=layer.features, kernel=layer.kernel,
+                          stride=layer.stride, padding=conv_padding(layer, self.padding),
+                          use_bias=self.use_bias,
+                          kernel_init=kernel_initializer(self.kernel_init, self.init_std),
+                          bias_init=nn.initializers.constant(self.bias_init), dtype=self.dtype,
+                          name=layer.name)
 
 
 class Backbone(nn.Module):
@@ -273,47 +258,19 @@ class AllConvNet(nn.Module):
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-def create_model(model_config: Any, num_classes: int, relu_rule: str = "standard") -> AllConvNet:
-  """Builds the network a `config.model` describes (the caller supplies the class count)."""
-  check_model_name(model_config.name)
-  if model_config.dtype not in DTYPES:
-    raise UserError(f"unknown model.dtype {model_config.dtype!r}; valid: {', '.join(DTYPES)}")
-  kernel_initializer(model_config.kernel_init)
-  if model_config.padding not in PADDINGS:
-    raise UserError(f"unknown model.padding {model_config.padding!r}; valid: "
-                    f"{', '.join(PADDINGS)}")
-  strided_grad = model_config.get("strided_grad", "auto")
-  if strided_grad not in STRIDED_GRADS:
-    raise UserError(f"unknown model.strided_grad {strided_grad!r}; valid: "
-                    f"{', '.join(STRIDED_GRADS)}")
-  polyphase = (strided_grad == "polyphase"
-               or (strided_grad == "auto" and jax.default_backend() == "cpu"))
+def create_model(model_config: Any, num_classes: int, convolutions: cpu.Convolutions,
+                 relu_rule: str = "standard") -> AllConvNet:
+  """The network a validated `config.model` describes, its convolutions run by `convolutions`
+  (`cpu.choose`); the caller supplies the class count."""
   options = ConvOptions(kernel_init=model_config.kernel_init, init_std=model_config.init_std,
                         use_bias=model_config.use_bias, bias_init=model_config.bias_init,
                         padding=model_config.padding, dtype=DTYPES[model_config.dtype],
-                        polyphase_grad=polyphase,
-                        onednn=use_onednn(model_config.get("conv_impl", "auto"),
-                                          model_config.dtype))
+                        convolutions=convolutions)
   return AllConvNet(arch=model_config.name, num_classes=num_classes,
                     width_multiplier=model_config.width_multiplier,
                     final_relu=model_config.final_relu,
                     input_dropout=model_config.input_dropout, dropout=model_config.dropout,
                     options=options, relu_rule=relu_rule)
-
-
-def use_onednn(conv_impl: str, dtype: str) -> bool:
-  """Whether `model.conv_impl` puts the convolutions in oneDNN here; UserError if it asks for
-  oneDNN where it cannot run."""
-  if conv_impl not in CONV_IMPLS:
-    raise UserError(f"unknown model.conv_impl {conv_impl!r}; valid: {', '.join(CONV_IMPLS)}")
-  if conv_impl == "xla":
-    return False
-  why_not = (f"{jax.default_backend()} is not the CPU" if jax.default_backend() != "cpu"
-             else f"it runs on one device, not {jax.device_count()}" if jax.device_count() != 1
-             else onednn.unsupported(dtype))
-  if conv_impl == "onednn" and why_not is not None:
-    raise UserError(f"model.conv_impl=onednn cannot run here: {why_not}")
-  return why_not is None
 
 
 @functools.partial(jax.jit, static_argnames=("model", "image_size"))

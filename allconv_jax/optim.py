@@ -11,12 +11,34 @@ import ml_collections
 import optax
 from flax import struct
 
+from allconv_jax.errors import UserError
+
 
 class TrainState(struct.PyTreeNode):
   """Step counter, parameters and optimizer state (the optimizer itself lives in closures)."""
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+MAX_STEP = 2**31 - 1  # optax counts steps in int32
+
+
+def check_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
+  """UserError where the schedule cannot be what the config says at this many steps per epoch:
+  two boundaries on the same step (a decay would be lost), or a step beyond int32."""
+  bounds = list(opt.boundaries)
+  for a, b in zip(bounds, bounds[1:], strict=False):
+    if round(a * steps_per_epoch) == round(b * steps_per_epoch):
+      raise UserError(f"optimizer.boundaries {a:g} and {b:g} fall on the same step "
+                      f"({round(a * steps_per_epoch)}) at "
+                      f"{steps_per_epoch} steps per epoch, so one decay would be lost; space "
+                      "them further apart")
+  for key, epochs in (("boundaries", max(opt.boundaries, default=0)),
+                      ("warmup_epochs", opt.warmup_epochs)):
+    if epochs * steps_per_epoch > MAX_STEP:
+      raise UserError(f"optimizer.{key} ({epochs:g} epochs) is beyond the last step a schedule "
+                      f"can count ({MAX_STEP:,} at {steps_per_epoch} steps per epoch)")
 
 
 def make_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:

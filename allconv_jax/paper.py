@@ -20,6 +20,16 @@ NETWORKS: tuple[str, ...] = (
     "model_c", "strided_cnn_c", "convpool_cnn_c", "all_cnn_c",
 )
 
+# The paper's schedule (section 3.1): 350 epochs, the rate x0.1 after epochs 200, 250 and 300.
+PAPER_EPOCHS = 350
+PAPER_BOUNDARIES = (200, 250, 300)
+
+
+def scaled_boundaries(epochs: int) -> tuple[float, ...]:
+  """The paper's rate boundaries at the same fractions of a run of `epochs` epochs."""
+  return tuple(b * epochs / PAPER_EPOCHS for b in PAPER_BOUNDARIES)
+
+
 # (network, dataset, augmentation) -> the paper's test error in %.
 PAPER_TEST_ERROR: dict[tuple[str, str, bool], float] = {
     ("model_a", "cifar10", False): 12.47,

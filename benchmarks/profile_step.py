@@ -36,9 +36,10 @@ import numpy as np
 from absl import app, flags
 from jax import lax
 
-from allconv_jax import benchmark, cli
+from allconv_jax import cli, cpu
 from allconv_jax import steps as steps_lib
 from allconv_jax.errors import UserError
+from allconv_jax.tools import benchmark
 
 FLAGS = flags.FLAGS
 
@@ -61,7 +62,7 @@ ROLES = {"f": "forward", "d": "input grad", "w": "weight grad"}
 
 @dataclasses.dataclass
 class LibraryConv:
-  """A oneDNN convolution (allconv_jax/onednn.py): an FFI call, timed inside the step."""
+  """A oneDNN convolution (allconv_jax/cpu/onednn.py): an FFI call, timed inside the step."""
   name: str
   role: str
   layer: str
@@ -190,7 +191,7 @@ def conv_fn(conv: Conv) -> Any:
       rhs_dilation=_pairs(get.get("rhs_dilate", ""), 1),
       dimension_numbers=_dimension_numbers(conv.labels),
       feature_group_count=int(_field(conv.attrs, "feature_group_count") or 1))
-  return jax.jit(fn, compiler_options=steps_lib.cpu_compiler_options())
+  return jax.jit(fn, compiler_options=cpu.step_compiler_options())
 
 
 def median_seconds(fn: Any, *args: Any, repeats: int) -> float:
@@ -220,7 +221,7 @@ def build_step(config: Any) -> tuple[Any, tuple[Any, ...]]:
   step = jax.jit(functools.partial(steps_lib.train_step, model=bench.model, tx=bench.tx,
                                    augment=config.data.augment,
                                    translate=config.data.translate_pixels),
-                 compiler_options=steps_lib.cpu_compiler_options())
+                 compiler_options=cpu.step_compiler_options())
   return step, (bench.state, images[idx[0]], labels[idx[0]], key)
 
 

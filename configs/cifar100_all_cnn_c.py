@@ -5,11 +5,12 @@
 
 import ml_collections
 
-from configs import all_cnn_c
+from allconv_jax.config import get_config as default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
   """All-CNN-C with the paper's protocol on CIFAR-100."""
-  config = all_cnn_c.get_config()
+  config = default_config()
+  config.model.name = "all_cnn_c"
   config.data.dataset = "cifar100"
   return config

@@ -18,12 +18,12 @@ per epoch, 68,378 iterations in all). For its exact protocol add
 
 import ml_collections
 
-from configs import default
+from allconv_jax.config import get_config as default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
   """All-CNN-C with the Caffe run's settings."""
-  config = default.get_config()
+  config = default_config()
   config.model.name = "all_cnn_c"
   config.batch_size = 256
   config.model.kernel_init = "caffe_xavier"

@@ -19,7 +19,7 @@ own; here every convolution pads (k-1)/2 as PyTorch does. On a 2-core CPU batch 
 import ml_collections
 
 from allconv_jax import paper
-from configs import default
+from allconv_jax.config import get_config as default_config
 
 
 def get_config(network: str = "all_cnn_c") -> ml_collections.ConfigDict:
@@ -28,7 +28,7 @@ def get_config(network: str = "all_cnn_c") -> ml_collections.ConfigDict:
   if network not in paper.COURSE_CIFAR10:
     raise ValueError(f"the course project trained only {', '.join(paper.COURSE_CIFAR10)}; "
                      f"got {network!r}")
-  config = default.get_config()
+  config = default_config()
   rates = paper.COURSE_CIFAR10[network][1]
   config.model.name = network
   config.batch_size = 4

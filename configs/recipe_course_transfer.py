@@ -23,7 +23,7 @@ held-out validation split instead (choosing a checkpoint on the test set flatter
 import ml_collections
 
 from allconv_jax import paper
-from configs import default
+from allconv_jax.config import get_config as default_config
 
 STEPS = ("step1", "step2", "scratch")
 
@@ -35,7 +35,7 @@ def get_config(step_and_subset: str = "step1,class1") -> ml_collections.ConfigDi
   if step not in STEPS or subset not in ("class1", "class2"):
     raise ValueError(f"expected STEP,SUBSET with STEP in {', '.join(STEPS)} and SUBSET class1 "
                      f"or class2; got {step_and_subset!r}")
-  config = default.get_config()
+  config = default_config()
   config.model.name = "all_cnn_c"
   config.batch_size = 4
   config.log_every_steps = 250

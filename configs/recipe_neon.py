@@ -10,12 +10,12 @@ rate x0.1 after epochs 200, 250 and 300, 350 epochs. Its batch size is the backe
 
 import ml_collections
 
-from configs import default
+from allconv_jax.config import get_config as default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
   """All-CNN-C with the neon example's settings."""
-  config = default.get_config()
+  config = default_config()
   config.model.name = "all_cnn_c"
   config.batch_size = 128
   config.model.kernel_init = "gaussian"

@@ -18,12 +18,12 @@ size nor initialization: batch 128 and He-normal weights with zero biases here. 
 
 import ml_collections
 
-from configs import default
+from allconv_jax.config import get_config as default_config
 
 
 def get_config(network: str = "all_cnn_c") -> ml_collections.ConfigDict:
   """The paper's protocol for `network` (e.g. 'model_a', 'all_cnn_c')."""
-  config = default.get_config()
+  config = default_config()
   config.model.name = network or "all_cnn_c"
   config.batch_size = 128
   config.model.kernel_init = "he_normal"

@@ -8,11 +8,11 @@ CIFAR-100: add --config.data.dataset=cifar100. Layer list: `python main.py
 
 import ml_collections
 
-from configs import default
+from allconv_jax.config import get_config as default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Strided-CNN-B with the paper's protocol (configs/default.py)."""
-  config = default.get_config()
+  config = default_config()
   config.model.name = "strided_cnn_b"
   return config

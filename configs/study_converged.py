@@ -1,7 +1,7 @@
 r"""The converged reduced-scale study: the paper's C family and the course's transfer finding,
 each run trained until its validation accuracy stops improving.
 
-  python -m allconv_jax.study --study=configs/study_converged.py \
+  python -m allconv_jax.tools.study --study=configs/study_converged.py \
       --root=/tmp/allconv/study_converged --out=results/study_converged \
       --config.data.source=local --config.data.dir=/tmp/cifar
 
@@ -20,9 +20,8 @@ step 2 fine-tunes every layer from step 1, and a baseline trains from scratch; a
 and without the ReLU after the class layer.
 """
 
-from allconv_jax.study import Stage
+from allconv_jax import paper
 
-PAPER_EPOCHS, PAPER_BOUNDARIES = 350, (200, 250, 300)
 EPOCHS, SELECT = 30, 5  # CIFAR-10 and the transfer source (first decay after epoch 17.1)
 TARGET_EPOCHS, TARGET_SELECT = 60, 15  # the 2,500-image target runs (first decay after 34.3)
 RATES = (0.05, 0.01)
@@ -35,11 +34,19 @@ BFLOAT16 = ("--config.model.dtype=bfloat16",)
 
 def schedule(epochs: int) -> tuple[str, ...]:
   """num_epochs and the paper's boundaries at the same fractions of a shorter run."""
-  boundaries = ",".join(repr(b * epochs / PAPER_EPOCHS) for b in PAPER_BOUNDARIES)
+  boundaries = ",".join(map(repr, paper.scaled_boundaries(epochs)))
   return (f"--config.num_epochs={epochs}", f"--config.optimizer.boundaries=({boundaries})")
 
 
-def get_study() -> list[Stage]:
+def stage(name: str, configs: tuple[str, ...], select: int, overrides: tuple[str, ...],
+          compare: str = "paper") -> dict[str, object]:
+  """One stage as data for the study tool: each config at every rate of RATES, the rate chosen
+  on validation accuracy after `select` epochs."""
+  return {"name": name, "configs": configs, "learning_rates": RATES, "select_epochs": select,
+          "overrides": overrides, "compare": compare}
+
+
+def get_study() -> list[dict[str, object]]:
   """The stages, in the order they run."""
   cifar10 = (*schedule(EPOCHS), *COMMON)
   target = (*schedule(TARGET_EPOCHS), "--config.data.dataset=cifar10", "--config.data.subset=",
@@ -47,13 +54,13 @@ def get_study() -> list[Stage]:
             *COMMON, *BFLOAT16)
   no_relu = ("--config.model.final_relu=False",)
 
-  def transfer(name: str, config: str, source: str, *extra: str) -> Stage:
+  def transfer(name: str, config: str, source: str, *extra: str) -> dict[str, object]:
     source_flag = (f"--config.transfer.source={{winner:{source}}}",) if source else ()
-    return Stage(name, (config,), RATES, TARGET_SELECT, (*source_flag, *target, *extra),
+    return stage(name, (config,), TARGET_SELECT, (*source_flag, *target, *extra),
                  compare="course_transfer")
 
   return [
-      Stage("transfer_source", ("all_cnn_c",), RATES, SELECT,
+      stage("transfer_source", ("all_cnn_c",), SELECT,
             (*cifar10, f"--config.data.classes={SOURCE_CLASSES}", *BFLOAT16)),
       transfer("step1", "transfer_step1", "transfer_source"),
       transfer("step2", "transfer_step2", "step1"),
@@ -61,10 +68,10 @@ def get_study() -> list[Stage]:
       transfer("step1_no_final_relu", "transfer_step1", "transfer_source", *no_relu),
       transfer("step2_no_final_relu", "transfer_step2", "step1_no_final_relu", *no_relu),
       transfer("scratch_no_final_relu", "scratch_subset", "", *no_relu),
-      Stage("cifar10", C_FAMILY, RATES, SELECT, (*cifar10, *BFLOAT16)),
-      Stage("cifar10_seed1", ("all_cnn_c", "model_c"), RATES, SELECT,
+      stage("cifar10", C_FAMILY, SELECT, (*cifar10, *BFLOAT16)),
+      stage("cifar10_seed1", ("all_cnn_c", "model_c"), SELECT,
             (*cifar10, *BFLOAT16, "--config.seed=1")),
-      Stage("cifar10_augment", ("all_cnn_c",), RATES, SELECT,
+      stage("cifar10_augment", ("all_cnn_c",), SELECT,
             (*cifar10, *BFLOAT16, "--config.data.augment=True")),
-      Stage("cifar10_float32", ("all_cnn_c",), RATES, SELECT, cifar10),
+      stage("cifar10_float32", ("all_cnn_c",), SELECT, cifar10),
   ]

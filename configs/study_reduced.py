@@ -1,7 +1,8 @@
 r"""The reduced-scale reproduction: the paper's 12 CIFAR-10 nets and the course's transfer study.
 
-  python -m allconv_jax.study --study=configs/study_reduced.py --root=/tmp/allconv/study_reduced \
-      --out=results/study_reduced --config.data.source=local --config.data.dir=/tmp/cifar
+  python -m allconv_jax.tools.study --study=configs/study_reduced.py \
+      --root=/tmp/allconv/study_reduced --out=results/study_reduced \
+      --config.data.source=local --config.data.dir=/tmp/cifar
 
 Scaled from the paper's protocol (section 3.1) so that everything runs in about two hours on a
 2-core CPU: width x0.25, EPOCHS epochs with the rate x0.1 at the same fractions of the run as the
@@ -20,9 +21,8 @@ one; on a frozen backbone it can silence a new class layer).
 subset class1 instead, from a source trained on all of CIFAR-10 (needs CIFAR-100 files).
 """
 
-from allconv_jax.study import Stage
+from allconv_jax import paper
 
-PAPER_EPOCHS, PAPER_BOUNDARIES = 350, (200, 250, 300)
 EPOCHS, SELECT = 6, 3
 RATES = (0.05, 0.01)
 TRANSFER_EPOCHS = 20  # steps 1 and 2 (the course: 50 epochs each, constant rate)
@@ -36,11 +36,19 @@ COMMON = ("--config.model.width_multiplier=0.25", "--config.checkpoint.every_epo
 
 def schedule(epochs: int) -> tuple[str, ...]:
   """num_epochs and the paper's boundaries at the same fractions of a shorter run."""
-  boundaries = ",".join(repr(b * epochs / PAPER_EPOCHS) for b in PAPER_BOUNDARIES)
+  boundaries = ",".join(map(repr, paper.scaled_boundaries(epochs)))
   return (f"--config.num_epochs={epochs}", f"--config.optimizer.boundaries=({boundaries})")
 
 
-def get_study(arg: str = "") -> list[Stage]:
+def stage(name: str, configs: tuple[str, ...], select: int, overrides: tuple[str, ...],
+          compare: str = "paper") -> dict[str, object]:
+  """One stage as data for the study tool: each config at every rate of RATES, the rate chosen
+  on validation accuracy after `select` epochs (0: after full runs)."""
+  return {"name": name, "configs": configs, "learning_rates": RATES, "select_epochs": select,
+          "overrides": overrides, "compare": compare}
+
+
+def get_study(arg: str = "") -> list[dict[str, object]]:
   """The stages; arg 'cifar100' transfers to the real CIFAR-100 subset class1 instead."""
   if arg not in ("", "cifar100"):
     raise ValueError(f"unknown study variant {arg!r} (expected nothing or 'cifar100')")
@@ -53,22 +61,22 @@ def get_study(arg: str = "") -> list[Stage]:
               f"--config.data.classes={TARGET_CLASSES}", "--config.data.max_train_per_class=500")
   steps = (f"--config.num_epochs={TRANSFER_EPOCHS}", *target, *COMMON)
   return [
-      Stage("transfer_source", ("all_cnn_c",), RATES, SELECT,
+      stage("transfer_source", ("all_cnn_c",), SELECT,
             (*schedule(EPOCHS), *source_data, *COMMON)),
-      Stage("step1", ("transfer_step1",), RATES, 0,
+      stage("step1", ("transfer_step1",), 0,
             ("--config.transfer.source={winner:transfer_source}", *steps),
             compare="course_transfer"),
-      Stage("step2", ("transfer_step2",), RATES, 0,
+      stage("step2", ("transfer_step2",), 0,
             ("--config.transfer.source={winner:step1}", *steps), compare="course_transfer"),
-      Stage("scratch", ("scratch_subset",), RATES, SCRATCH_SELECT,
+      stage("scratch", ("scratch_subset",), SCRATCH_SELECT,
             (*schedule(SCRATCH_EPOCHS), *target, *COMMON), compare="course_transfer"),
       # The paper's ReLU after the class layer can silence a new class layer on a frozen
       # backbone; the same two steps without it show how much of step 1's result that costs.
-      Stage("step1_no_final_relu", ("transfer_step1",), RATES, 0,
+      stage("step1_no_final_relu", ("transfer_step1",), 0,
             ("--config.transfer.source={winner:transfer_source}", "--config.model.final_relu=False",
              *steps), compare="course_transfer"),
-      Stage("step2_no_final_relu", ("transfer_step2",), RATES, 0,
+      stage("step2_no_final_relu", ("transfer_step2",), 0,
             ("--config.transfer.source={winner:step1_no_final_relu}",
              "--config.model.final_relu=False", *steps), compare="course_transfer"),
-      Stage("cifar10", NETWORKS, RATES, SELECT, (*schedule(EPOCHS), *COMMON)),
+      stage("cifar10", NETWORKS, SELECT, (*schedule(EPOCHS), *COMMON)),
   ]

@@ -11,12 +11,12 @@ layer, add a new 1x1 class convolution for the 10-class CIFAR-100 subset and tra
 
 import ml_collections
 
-from configs import default
+from allconv_jax.config import get_config as default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Step 1: frozen CIFAR-10 backbone, new class layer, 50 epochs on a CIFAR-100 subset."""
-  config = default.get_config()
+  config = default_config()
   config.model.name = "all_cnn_c"
   config.num_epochs = 50
   config.data.dataset = "cifar100"

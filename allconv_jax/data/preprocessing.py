@@ -1,23 +1,20 @@
 """Preprocessing statistics: GCN + ZCA as pylearn2 computed them for the maxout paper (and,
 through it, Springenberg et al. 2015), the course project's mean/std, fitted on the training
-split, applied to every split, saved beside the run."""
+split and applied to every split; `write_preprocessing` and `load_preprocessing` are their file
+format (a run keeps them as preprocessing.npz: files.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
-import shutil
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from allconv_jax import workdir
 from allconv_jax.data.cifar import IMAGE_SHAPE, MEANSTD_MEAN, MEANSTD_STD, PIXELS
 from allconv_jax.errors import UserError, one_line
 
 CHUNK = 4096  # images per chunk in the preprocessing passes (bounds the float buffers)
+
 
 def _check_images(images: np.ndarray) -> None:
   if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
@@ -135,14 +132,13 @@ def apply_preprocessing(stats: dict[str, Any], images: np.ndarray) -> np.ndarray
   return out
 
 
-def save_preprocessing(path: str, stats: dict[str, np.ndarray]) -> None:
-  """Writes the statistics to `path` (.npz content) atomically."""
-  workdir.write_atomic(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in stats.items()}),
-                       binary=True)
+def write_preprocessing(f: IO[bytes], stats: dict[str, np.ndarray]) -> None:
+  """Writes the statistics to an open binary file (.npz content)."""
+  np.savez(f, **{k: np.asarray(v) for k, v in stats.items()})
 
 
 def load_preprocessing(path: str) -> dict[str, np.ndarray]:
-  """Reads statistics written by `save_preprocessing`; UserError if missing or damaged."""
+  """Reads statistics written by `write_preprocessing`; UserError if missing or damaged."""
   if not os.path.isfile(path):
     raise UserError(f"preprocessing statistics {path} not found")
   try:
@@ -154,57 +150,3 @@ def load_preprocessing(path: str) -> dict[str, np.ndarray]:
   if kind not in _REQUIRED_STATS or any(k not in stats for k in _REQUIRED_STATS[kind]):
     raise UserError(f"preprocessing statistics {path} are incomplete (kind={kind})")
   return stats
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared statistics: one file per (training images, settings), hard-linked into every workdir
-# ---------------------------------------------------------------------------------------------
-
-CACHE_ENV = "ALLCONV_CACHE_DIR"
-
-
-def cache_dir() -> str:
-  """$ALLCONV_CACHE_DIR, else $XDG_CACHE_HOME/allconv-jax/preprocessing (~/.cache/...)."""
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.environ.get(CACHE_ENV) or os.path.join(base, "allconv-jax", "preprocessing")
-
-
-def statistics_key(data_config: Any, train_images: np.ndarray) -> str:
-  """A hash of what the statistics depend on: the settings and every training image's bytes."""
-  h = hashlib.sha256(json.dumps([data_config.preprocessing, float(data_config.gcn_scale),
-                                 float(data_config.zca_epsilon)]).encode())
-  h.update(np.ascontiguousarray(train_images).data)
-  return h.hexdigest()[:32]
-
-
-def _link(source: str, target: str) -> None:
-  """`target` becomes a hard link to `source` (a copy across file systems), atomically."""
-  tmp = f"{target}.tmp-link-{os.getpid()}"
-  with contextlib.suppress(FileNotFoundError):
-    os.remove(tmp)
-  try:
-    os.link(source, tmp)
-  except OSError:
-    shutil.copyfile(source, tmp)
-  os.replace(tmp, target)
-
-
-def fit_or_share(data_config: Any, train_images: np.ndarray, target: str
-                 ) -> tuple[dict[str, np.ndarray], bool]:
-  """The statistics written to `target`: hard-linked from the shared file of an earlier run on
-  the same images and settings (True), or fitted, saved and shared (False). Files are only ever
-  replaced, never changed in place, so sharing them is safe."""
-  shared = os.path.join(cache_dir(), statistics_key(data_config, train_images) + ".npz")
-  if os.path.exists(shared):
-    try:
-      stats = load_preprocessing(shared)
-      _link(shared, target)
-      return stats, True
-    except (UserError, OSError):
-      pass  # a damaged or unreadable shared file: fit again below
-  stats = fit_preprocessing(data_config, train_images)
-  save_preprocessing(target, stats)
-  with contextlib.suppress(OSError):  # sharing is an optimization only
-    os.makedirs(cache_dir(), exist_ok=True)
-    _link(target, shared)
-  return stats, False

@@ -1,7 +1,7 @@
 """Use a trained run: its test accuracy per class and confusion matrix, or the classes of images.
 
-  python -m allconv_jax.evaluate --workdir=/tmp/allconv/all_cnn_c [--checkpoint=best]
-  python -m allconv_jax.evaluate --workdir=/tmp/allconv/all_cnn_c cat.jpg truck.png
+  python -m allconv_jax.tools.evaluate --workdir=/tmp/allconv/all_cnn_c [--checkpoint=best]
+  python -m allconv_jax.tools.evaluate --workdir=/tmp/allconv/all_cnn_c cat.jpg truck.png
 
 Without images: the run's test set (its data settings, its saved preprocessing statistics),
 accuracy overall and per class, and WORKDIR/evaluation/confusion.png (or --out). With image files
@@ -22,8 +22,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, UnidentifiedImageError
 
-from allconv_jax import cli, input_pipeline, transfer
-from allconv_jax import workdir as wd
+from allconv_jax import checkpointing, cli, files, input_pipeline
+from allconv_jax.data import preprocessing
 from allconv_jax.errors import UserError
 
 matplotlib.use("Agg")  # headless; must come before pyplot is imported
@@ -80,9 +80,9 @@ def plot_confusion(counts: np.ndarray, names: Sequence[str], title: str, path: s
 
 def evaluate_test_set(workdir: str, checkpoint: str, out: str) -> dict[str, Any]:
   """Accuracy overall and per class on the run's test set; writes the confusion PNG."""
-  config, model, params = transfer.restore_run(workdir, checkpoint)
+  config, model, params = checkpointing.load_run(workdir, checkpoint)
   splits = input_pipeline.load_splits(config.data, config.seed)
-  stats = input_pipeline.load_preprocessing(wd.path(workdir, wd.PREPROCESSING))
+  stats = preprocessing.load_preprocessing(files.path(workdir, files.PREPROCESSING))
   predicted = probabilities(model, params, stats, splits.test_images).argmax(-1)
   counts = confusion(splits.test_labels, predicted, len(splits.class_names))
   per_class = np.diag(counts) / np.maximum(counts.sum(1), 1)
@@ -103,8 +103,8 @@ def evaluate_test_set(workdir: str, checkpoint: str, out: str) -> dict[str, Any]
 def classify(workdir: str, checkpoint: str, paths: Sequence[str]) -> list[list[tuple[str, float]]]:
   """The TOP likeliest classes of each image file, with probabilities (also printed)."""
   images = read_images(paths)
-  config, model, params = transfer.restore_run(workdir, checkpoint)
-  stats = input_pipeline.load_preprocessing(wd.path(workdir, wd.PREPROCESSING))
+  config, model, params = checkpointing.load_run(workdir, checkpoint)
+  stats = preprocessing.load_preprocessing(files.path(workdir, files.PREPROCESSING))
   names = input_pipeline.class_names(config.data)
   ranked = []
   for path, p in zip(paths, probabilities(model, params, stats, images), strict=True):

@@ -1,4 +1,6 @@
-"""A run's workdir: its file names, the lock, atomic writes, metrics JSON lines and results.
+"""A run's files in its workdir: their names, the lock, atomic writes, metrics JSON lines,
+results, the preprocessing statistics (shared between runs on the same images), and whether a
+config may resume what a workdir holds.
 
 Every tool that reads or writes a run's files goes through here:
 
@@ -6,14 +8,16 @@ Every tool that reads or writes a run's files goes through here:
   WORKDIR/preprocessing.npz   the fitted GCN/ZCA or mean/std statistics
   WORKDIR/metrics.jsonl       one JSON object per finished epoch
   WORKDIR/checkpoints/<step>/ orbax checkpoints (checkpointing.py), best_checkpoint.json
+  WORKDIR/tensorboard/        TensorBoard scalars (metrics.py)
   WORKDIR/results.json        written once, at the very end
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
-import importlib.util
+import hashlib
 import json
 import os
 import shutil
@@ -21,10 +25,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+import ml_collections
+import numpy as np
 from absl import logging
 
+from allconv_jax.config import flatten, run_defining_changes, to_json
+from allconv_jax.data import preprocessing
 from allconv_jax.errors import UserError, one_line
-from allconv_jax.tensorflow_env import quiet_tensorflow
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -218,26 +225,121 @@ def checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
 
 
-class TensorBoard:
-  """clu metric writers into WORKDIR/tensorboard when TensorFlow is installed; else nothing."""
+# ----------------------------------------------------------------------------- resuming
 
-  def __init__(self, workdir: str, enabled: bool) -> None:
-    self.writer = None
-    if not enabled or importlib.util.find_spec("tensorflow") is None:
-      return
-    quiet_tensorflow()
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+  """What a workdir holds for the config about to run in it."""
+  saved: dict[str, Any] | None  # the config.json of a run to resume (None: start afresh)
+  results: dict[str, Any] | None  # its results.json, if it finished
+  changed: tuple[str, ...] = ()  # keys changed since that do not invalidate it
+  cleared: bool = False  # it held a failed start (nothing saved), now removed
+
+
+def check_restart(workdir: str) -> None:
+  """restart=True deletes only a run's outputs: refuse a folder that holds some of the files
+  this program writes but no config.json (it is not a run's workdir)."""
+  if os.path.exists(path(workdir, CONFIG)):
+    return
+  ours = present_outputs(workdir)
+  if ours:
+    raise UserError(f"--config.restart=True would delete {', '.join(ours)} in {workdir}, "
+                    "which is not a run's workdir (no config.json); delete them yourself or "
+                    "use another --workdir")
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> Resume:
+  """Whether `config` may resume the run in `workdir`; UserError if it would invalidate it."""
+  if not os.path.exists(path(workdir, CONFIG)):
+    leftovers = [n for n in (RESULTS, CHECKPOINTS, METRICS) if os.path.exists(path(workdir, n))
+                 and (n != CHECKPOINTS or os.listdir(path(workdir, n)))]
+    if leftovers:
+      raise UserError(f"workdir {workdir} holds {', '.join(leftovers)} but no config.json; "
+                      "use another --workdir or set --config.restart=True to start over")
+    return Resume(None, None)
+  try:
+    saved = read_json(path(workdir, CONFIG))
+  except UserError as e:
+    raise UserError(f"{e}; delete it or set --config.restart=True to start over") from None
+  if not isinstance(saved, dict):
+    raise UserError(f"{path(workdir, CONFIG)} holds no config (a {type(saved).__name__}); "
+                    "delete it or set --config.restart=True to start over")
+  if not (read_metrics(path(workdir, METRICS)) or os.path.exists(path(workdir, RESULTS))
+          or has_checkpoint_steps(workdir)):
+    # a failed start (say, out of memory) does not bind the corrected rerun; its leftovers
+    # (config.json, preprocessing.npz fitted for that config) go
+    if primary:
+      clear(workdir)
+    return Resume(None, None, cleared=True)
+  bad, other = run_defining_changes(saved, config)
+  if bad:
+    old, new = dict(flatten(saved)), dict(flatten(to_json(config)))
+    diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in bad)
+    raise UserError(f"workdir {workdir} holds a run with another {diffs}; use another --workdir "
+                    "or set --config.restart=True to start over")
+  results = read_json(path(workdir, RESULTS)) if os.path.exists(path(workdir, RESULTS)) else None
+  if results is not None and not isinstance(results, dict):
+    raise UserError(f"{path(workdir, RESULTS)} holds no results (a {type(results).__name__}); "
+                    "delete it or set --config.restart=True to start over")
+  return Resume(saved, results, tuple(other))
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def save_preprocessing(target: str, stats: dict[str, np.ndarray]) -> None:
+  """Writes preprocessing statistics to `target` atomically."""
+  write_atomic(target, lambda f: preprocessing.write_preprocessing(f, stats), binary=True)
+
+
+# Runs on the same training images with the same settings (the points of a sweep or a study)
+# share one statistics file, hard-linked into each workdir from $ALLCONV_CACHE_DIR, so neither
+# the fit nor the 37 MB is repeated. Files are only ever replaced, never changed in place.
+CACHE_ENV = "ALLCONV_CACHE_DIR"
+
+
+def statistics_cache() -> str:
+  """$ALLCONV_CACHE_DIR, else $XDG_CACHE_HOME/allconv-jax/preprocessing (~/.cache/...)."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.environ.get(CACHE_ENV) or os.path.join(base, "allconv-jax", "preprocessing")
+
+
+def statistics_key(data_config: Any, train_images: np.ndarray) -> str:
+  """A hash of what the statistics depend on: the settings and every training image's bytes."""
+  h = hashlib.sha256(json.dumps([data_config.preprocessing, float(data_config.gcn_scale),
+                                 float(data_config.zca_epsilon)]).encode())
+  h.update(np.ascontiguousarray(train_images).data)
+  return h.hexdigest()[:32]
+
+
+def _link(source: str, target: str) -> None:
+  """`target` becomes a hard link to `source` (a copy across file systems), atomically."""
+  tmp = f"{target}.tmp-link-{os.getpid()}"
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(tmp)
+  try:
+    os.link(source, tmp)
+  except OSError:
+    shutil.copyfile(source, tmp)
+  os.replace(tmp, target)
+
+
+def fit_or_share(data_config: Any, train_images: np.ndarray, target: str
+                 ) -> tuple[dict[str, np.ndarray], bool]:
+  """The statistics written to `target`: linked from the shared file of an earlier run on the
+  same images and settings (True), or fitted, saved and shared (False)."""
+  shared = os.path.join(statistics_cache(), statistics_key(data_config, train_images) + ".npz")
+  if os.path.exists(shared):
     try:
-      from clu import metric_writers  # imports TensorFlow: only here
-      self.writer = metric_writers.create_default_writer(path(workdir, TENSORBOARD),
-                                                         just_logging=False)
-    except Exception as e:  # noqa: BLE001 - TensorBoard is optional
-      logging.warning("no TensorBoard writer: %s", e)
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    if self.writer is not None:
-      self.writer.write_scalars(step, scalars)
-      self.writer.flush()
-
-  def close(self) -> None:
-    if self.writer is not None:
-      self.writer.close()
+      stats = preprocessing.load_preprocessing(shared)
+      _link(shared, target)
+      return stats, True
+    except (UserError, OSError):
+      pass  # a damaged or unreadable shared file: fit again below
+  stats = preprocessing.fit_preprocessing(data_config, train_images)
+  save_preprocessing(target, stats)
+  with contextlib.suppress(OSError):  # sharing is an optimization only
+    os.makedirs(statistics_cache(), exist_ok=True)
+    _link(target, shared)
+  return stats, False

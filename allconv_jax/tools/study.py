@@ -1,11 +1,12 @@
 r"""Studies: named sets of runs, each network's rate chosen on validation, run to completion.
 
-  python -m allconv_jax.study --study=configs/study_reduced.py --root=/tmp/allconv/study \
+  python -m allconv_jax.tools.study --study=configs/study_reduced.py --root=/tmp/allconv/study \
       --out=results/reduced [--config.data.source=local --config.data.dir=/tmp/cifar ...]
 
-A study file defines `get_study(arg)` returning a list of `Stage`s (`--study=FILE:ARG` passes
-ARG). Each stage runs its configs one after another, each at every rate of its grid (the sweep's
-points, ROOT/<stage>/<config>/lr<rate>/); with `select_epochs=K` the grid runs K epochs, the
+A study file defines `get_study(arg)` returning its stages as plain data: a list of dicts with
+the fields of `Stage` (`--study=FILE:ARG` passes ARG). Each stage runs its configs one after
+another, each at every rate of its grid (the sweep's points, ROOT/<stage>/<config>/lr<rate>/);
+with `select_epochs=K` the grid runs K epochs, the
 rate with the best validation accuracy in those epochs wins and only its run goes on to the
 config's full num_epochs (the same run continued: the schedule is the same as a straight run);
 without it every point runs in full and the best one wins. A stage's overrides may name an
@@ -32,12 +33,12 @@ from typing import Any
 
 from absl import app, flags
 
-from allconv_jax import cli, report, sweep
-from allconv_jax import workdir as wd
+from allconv_jax import cli, files
 from allconv_jax.errors import UserError
+from allconv_jax.tools import report, sweep
 
 STUDY_JSON = report.STUDY_JSON
-EXPORTED_FILES = (wd.CONFIG, wd.RESULTS, wd.METRICS, "sweep.log", sweep.INVOCATIONS)
+EXPORTED_FILES = (files.CONFIG, files.RESULTS, files.METRICS, "sweep.log", sweep.INVOCATIONS)
 COMPARES = ("paper", "course_transfer")
 WINNER = re.compile(r"\{winner:([A-Za-z0-9_.-]+)(?:/([A-Za-z0-9_.-]+))?\}")
 
@@ -65,15 +66,14 @@ class Outcome:
 
 def load_study(spec: str) -> list[Stage]:
   """The stages of `--study=FILE[:ARG]`, checked; UserError if the file or a stage is bad."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise UserError(f"study file {path} not found")
+  path, _, arg = cli.resolve_config(spec).partition(":")
   module_spec = importlib.util.spec_from_file_location("allconv_study_file", path)
   assert module_spec is not None and module_spec.loader is not None
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
     stages = module.get_study(arg) if arg else module.get_study()
+    stages = [Stage(**s) if isinstance(s, dict) else s for s in stages]
   except Exception as e:  # noqa: BLE001 - a study file is user code; its error becomes one line
     raise UserError(f"{path}: {type(e).__name__}: {e}") from None
   check_stages(stages, path)
@@ -107,7 +107,7 @@ def check_stages(stages: Sequence[Stage], path: str) -> None:
 
 def stem(config: str) -> str:
   """A config's name in folder names: its file stem."""
-  return os.path.splitext(os.path.basename(sweep.resolve_config_file(config)))[0]
+  return os.path.splitext(os.path.basename(cli.resolve_config(config)))[0]
 
 
 def resolve(stage: Stage, outcomes: dict[str, Outcome]) -> tuple[str, ...]:
@@ -196,16 +196,16 @@ def plan_json(stages: Sequence[Stage], overrides: Sequence[str]) -> dict[str, An
 
 def export(root: str, out: str, plan: dict[str, Any]) -> None:
   """Copies every finished run's small files to OUT (same layout) and regenerates the report."""
-  for folder, dirs, files in os.walk(root):
+  for folder, dirs, names in os.walk(root):
     dirs[:] = sorted(d for d in dirs if d not in report.SKIP_DIRS)
-    if wd.RESULTS not in files:
+    if files.RESULTS not in names:
       continue
     target = os.path.join(out, os.path.relpath(folder, root))
     os.makedirs(target, exist_ok=True)
     for name in EXPORTED_FILES:
-      if name in files:
+      if name in names:
         shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
-  wd.write_json(os.path.join(out, STUDY_JSON), plan)
+  files.write_json(os.path.join(out, STUDY_JSON), plan)
   report.write_study_report(out, out)
 
 
@@ -220,7 +220,7 @@ def run_study(stages: Sequence[Stage], root: str, overrides: Sequence[str] = (),
   plan_all(stages, root, overrides)
   plan = plan_json(stages, overrides)
   os.makedirs(root, exist_ok=True)
-  wd.write_json(os.path.join(root, STUDY_JSON), plan)
+  files.write_json(os.path.join(root, STUDY_JSON), plan)
   outcomes: dict[str, Outcome] = {}
 
   def after_run() -> None:
@@ -269,7 +269,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-  # Run the imported module, not __main__, so that study files' `Stage` is this module's class.
-  from allconv_jax import study
-
-  study.run()
+  run()

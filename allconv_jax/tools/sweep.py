@@ -1,6 +1,6 @@
 r"""Learning-rate sweep: every config at every rate, then the winning rate per network.
 
-  python -m allconv_jax.sweep --configs=configs/model_a.py,configs/all_cnn_c.py \
+  python -m allconv_jax.tools.sweep --configs=configs/model_a.py,configs/all_cnn_c.py \
       --learning_rates=0.25,0.1,0.05,0.01 --root=/tmp/allconv/sweep [--config.num_epochs=50 ...]
 
 Each point runs `python main.py` in `ROOT/<config file stem>/lr<rate>/` as a subprocess (its
@@ -30,12 +30,10 @@ from typing import Any
 import ml_collections
 from absl import app, flags
 
-from allconv_jax import cli, config_lib
-from allconv_jax import workdir as wd
+from allconv_jax import cli, files
+from allconv_jax.config import run_defining_changes
 from allconv_jax.errors import UserError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAIN_PY = os.path.join(REPO_ROOT, "main.py")
 PAPER_RATES = (0.25, 0.1, 0.05, 0.01)  # the set the paper chose its rates from (section 3.1)
 RATE_KEY = "optimizer.learning_rate"
 OK_STATUSES = ("trained", "skipped")
@@ -92,26 +90,16 @@ def check_overrides(overrides: Sequence[str]) -> None:
       raise UserError(f"{arg}: the sweep sets {RATE_KEY}; use --learning_rates")
 
 
-def resolve_config_file(path: str) -> str:
-  """An existing config file's absolute path; a bare name such as 'all_cnn_c' means configs/."""
-  if os.path.isfile(path):
-    return os.path.abspath(path)
-  named = os.path.join(REPO_ROOT, "configs", f"{path}.py")
-  if os.sep not in path and not path.endswith(".py") and os.path.isfile(named):
-    return named
-  raise UserError(f"config file {path} not found")
-
-
 def plan(config_files: Sequence[str], rates: Sequence[float], root: str,
          overrides: Sequence[str]) -> list[Point]:
   """Every (config, rate) point, each config loaded and validated before anything runs."""
   check_overrides(overrides)
   if not config_files:
     raise UserError("--configs is empty")
-  files = [resolve_config_file(f) for f in config_files]
+  paths = [cli.resolve_config(f) for f in config_files]
   stems: dict[str, str] = {}
   points = []
-  for path in files:
+  for path in paths:
     stem = os.path.splitext(os.path.basename(path))[0]
     if stem in stems:
       raise UserError(f"two configs share the name {stem!r}: {stems[stem]} and {path}")
@@ -129,11 +117,11 @@ def plan(config_files: Sequence[str], rates: Sequence[float], root: str,
 
 def finished_results(point: Point) -> dict[str, Any] | None:
   """The point's results if its run is finished with the same run-defining settings."""
-  results = wd.read_results(point.workdir)
+  results = files.read_results(point.workdir)
   if results is None or results.get("epochs", 0) < point.config.num_epochs:
     return None
   saved = results.get("config")
-  if not isinstance(saved, dict) or config_lib.run_defining_changes(saved, point.config)[0]:
+  if not isinstance(saved, dict) or run_defining_changes(saved, point.config)[0]:
     return None  # main.py explains the mismatch and the point fails
   return results
 
@@ -165,16 +153,16 @@ def _forward_signals() -> Iterator[_Child]:
 
 def main_command(point: Point) -> list[str]:
   """The main.py command line of a point."""
-  return [sys.executable, MAIN_PY, f"--config={point.config_file}", *point.flags,
+  return [sys.executable, "-m", "allconv_jax.launch", f"--config={point.config_file}", *point.flags,
           f"--workdir={point.workdir}"]
 
 
 def git_commit() -> str | None:
   """The repository's HEAD commit, with '+changes' if the working tree differs; None outside git."""
   try:
-    head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True,
+    head = subprocess.run(["git", "-C", cli.REPO_ROOT, "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=True, timeout=30).stdout.strip()
-    dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "-uno"],
+    dirty = subprocess.run(["git", "-C", cli.REPO_ROOT, "status", "--porcelain", "-uno"],
                            capture_output=True, text=True, check=True, timeout=30).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return None
@@ -279,7 +267,7 @@ def selection_record(record: dict[str, Any], epochs: int) -> dict[str, Any]:
   validation accuracy from its metrics.jsonl, so a run continued past them is judged the same."""
   if not epochs or record["status"] not in OK_STATUSES:
     return record
-  metrics = [m for m in wd.read_metrics(wd.path(record["workdir"], wd.METRICS))
+  metrics = [m for m in files.read_metrics(files.path(record["workdir"], files.METRICS))
              if m["epoch"] <= epochs and m.get("val_accuracy") is not None]
   if not metrics or metrics[-1]["epoch"] != epochs:
     return {**record, "status": "failed", "error": f"no validation record of epoch {epochs}"}
@@ -347,8 +335,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
 def write_summary(root: str, summary: dict[str, Any]) -> str:
   """Writes ROOT/sweep.json and ROOT/sweep.md; returns the markdown."""
   text = to_markdown(summary)
-  wd.write_json(os.path.join(root, "sweep.json"), summary)
-  wd.write_text(os.path.join(root, "sweep.md"), text)
+  files.write_json(os.path.join(root, "sweep.json"), summary)
+  files.write_text(os.path.join(root, "sweep.md"), text)
   return text
 
 

@@ -1,7 +1,7 @@
 r"""Training throughput: the jitted train chunk of train.py on random device-resident data.
 
-  python -m allconv_jax.benchmark --config=configs/all_cnn_c.py --steps=20
-  python -m allconv_jax.benchmark --config=configs/all_cnn_c.py --steps=50 \
+  python -m allconv_jax.tools.benchmark --config=configs/all_cnn_c.py --steps=20
+  python -m allconv_jax.tools.benchmark --config=configs/all_cnn_c.py --steps=50 \
       --config.model.dtype=bfloat16 --config.batch_size=256
 
 No dataset is read: 4 x batch_size random images and labels are put on the device(s) the way
@@ -26,9 +26,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from allconv_jax import cli, config_lib, input_pipeline, models, optim
-from allconv_jax import mesh as mesh_lib
+from allconv_jax import cli, cpu, input_pipeline, metrics, models, optim
 from allconv_jax import steps as steps_lib
+from allconv_jax.config import validate
 from allconv_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -140,36 +140,31 @@ class Bench:
 
 def prepare(config: Any, steps: int, seed: int) -> Bench:
   """Random device-resident data, a fresh state and the run's jitted steps."""
-  config_lib.validate(config)
-  mesh = mesh_lib.make_mesh()
+  validate(config)
+  mesh = input_pipeline.make_mesh()
   batch = config.batch_size
   if batch % mesh.size:
     raise UserError(f"batch_size ({batch}) must be a multiple of the number of devices "
                     f"({mesh.size})")
   k = input_pipeline.num_classes(config.data)
-  model = models.create_model(config.model, k)
+  model = models.create_model(config.model, k, cpu.choose(
+      config.model.conv_impl, config.model.strided_grad, config.model.dtype))
   pool = 4 * batch
   rng = np.random.default_rng(seed)
-  images = mesh_lib.replicate(rng.standard_normal((pool, 32, 32, 3), np.float32), mesh)
-  labels = mesh_lib.replicate(rng.integers(0, k, pool).astype(np.int32), mesh)
-  idx = mesh_lib.replicate(np.stack([rng.permutation(pool)[:batch] for _ in range(steps)])
+  images = input_pipeline.replicate(rng.standard_normal((pool, 32, 32, 3), np.float32), mesh)
+  labels = input_pipeline.replicate(rng.integers(0, k, pool).astype(np.int32), mesh)
+  idx = input_pipeline.replicate(np.stack([rng.permutation(pool)[:batch] for _ in range(steps)])
                            .astype(np.int32), mesh)
   key = jax.random.key(seed)
   params = models.init_params(model, jax.random.fold_in(key, 1))
-  spe = max(1, 50000 // batch)
-  tx = optim.make_optimizer(config.optimizer, spe, params)
-  state = mesh_lib.replicate_tree(
+  steps_per_epoch = max(1, 50000 // batch)
+  tx = optim.make_optimizer(config.optimizer, steps_per_epoch, params)
+  state = input_pipeline.replicate_tree(
       optim.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params)), mesh)
-  return Bench(config, model, tx, steps_lib.make_steps(model, tx, mesh, config, pool, spe),
+  fns = steps_lib.make_steps(model, tx, mesh, config, pool, steps_per_epoch)
+  return Bench(config, model, tx, fns,
                (images, labels, idx, jax.random.fold_in(key, 2)), state,
-               mesh_lib.replicate_tree(steps_lib.zero_metrics(), mesh), k, mesh)
-
-
-def convolutions(options: models.ConvOptions) -> str:
-  """Which library runs the convolutions (and the strided input gradient in XLA)."""
-  if options.onednn:
-    return "oneDNN"
-  return f"XLA (strided input gradient {'polyphase' if options.polyphase_grad else 'xla'})"
+               input_pipeline.replicate_tree(metrics.zeros(), mesh), k, mesh)
 
 
 def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0,
@@ -182,7 +177,7 @@ def benchmark(config: Any, steps: int, warmup: int, repeats: int, seed: int = 0,
   print(f"{config.model.name} width x{config.model.width_multiplier:g} "
         f"({models.count_params(bench.state.params):,} parameters), {config.model.dtype}, "
         f"batch {config.batch_size}, augment={config.data.augment}, convolutions: "
-        f"{convolutions(bench.model.options)}, "
+        f"{bench.model.options.convolutions.describe()}, "
         f"on {bench.mesh.size} x {device.device_kind} "
         f"({device.platform}, jax {jax.__version__})", flush=True)
   if device.platform == "cpu":
@@ -216,10 +211,10 @@ def eval_images_per_sec(bench: Bench, repeats: int) -> float:
   """Images/s of train.py's evaluation (two batches of eval_batch_size, median of repeats)."""
   batch, mesh = bench.config.eval_batch_size, bench.mesh
   rng = np.random.default_rng(1)
-  images = mesh_lib.replicate(rng.standard_normal((2, batch, 32, 32, 3), np.float32), mesh)
-  labels = mesh_lib.replicate(rng.integers(0, bench.num_classes, (2, batch)).astype(np.int32),
+  images = input_pipeline.replicate(rng.standard_normal((2, batch, 32, 32, 3), np.float32), mesh)
+  labels = input_pipeline.replicate(rng.integers(0, bench.num_classes, (2, batch)).astype(np.int32),
                               mesh)
-  mask = mesh_lib.replicate(np.ones((2, batch), np.float32), mesh)
+  mask = input_pipeline.replicate(np.ones((2, batch), np.float32), mesh)
 
   def once() -> float:
     t = time.perf_counter()

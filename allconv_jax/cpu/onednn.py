@@ -5,18 +5,19 @@ activations transposed from (N, H, W, C) to (C, H, W, N) and the output gradient
 (H, W, N, D) first: memory-bound copies of up to 50 MB per layer at batch 128, 19 % of the
 All-CNN-C step. oneDNN (what PyTorch runs on the CPU) reads NHWC as it is, for the forward pass,
 the input gradient and the weight gradient alike, and in bfloat16 it uses the AMX tiles of the
-CPUs that have them (XLA:CPU converts bfloat16 to float32). `allconv_jax/csrc/onednn_conv.cc`
+CPUs that have them (XLA:CPU converts bfloat16 to float32). `csrc/onednn_conv.cc`
 wraps its three primitives, in float32 and bfloat16, as FFI handlers: the forward pass adds the
 bias, the weight gradient also returns the bias's (in float32; XLA:CPU reduces a bfloat16
 gradient through slow reduce-window trees). `conv` is the operation with its `jax.custom_vjp`;
-`Conv` is the Flax layer, with `flax.linen.Conv`'s parameters, that models.py uses for the
+`Conv` is the Flax layer, with `flax.linen.Conv`'s parameters, that `cpu.conv_layer` gives the
 layers with a spatial kernel (XLA makes 1x1 layers matrix products).
 
 The library is compiled on first use (about 8 s) with the system's C++ compiler against the
 oneDNN of the pip packages `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` (x86-64 Linux; in
 requirements.txt), into `$XDG_CACHE_HOME/allconv-jax/onednn/` (`~/.cache/...`), one file per
-source, jaxlib, compiler and oneDNN version. `unavailable()` says why it cannot be used here,
-or None; `unsupported(dtype)` also tries the dtype on this CPU.
+source, jaxlib, compiler and oneDNN version. `missing()` says why it cannot be built here,
+without building; `load()` builds (first use), loads and registers it; `unsupported(dtype)`
+tries a dtype on this CPU.
 """
 
 from __future__ import annotations
@@ -91,40 +92,47 @@ def _build(compiler: str, prefix: str) -> str:
   return path
 
 
-@functools.cache
-def unavailable() -> str | None:
-  """None once the library is built, loaded and registered; else why not, in one line."""
+def missing() -> str | None:
+  """Why the oneDNN convolutions cannot be built here (platform, package, compiler), or None.
+  A cheap check: it builds and loads nothing."""
   if not sys.platform.startswith("linux"):
     return "oneDNN convolutions are built for Linux only"
-  prefix = _prefix()
-  if prefix is None:
+  if _prefix() is None:
     return f"oneDNN is not installed ({INSTALL})"
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if compiler is None:
+  if _compiler() is None:
     return "no C++ compiler (g++ or $CXX) to build the oneDNN convolutions"
+  return None
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+@functools.cache
+def load() -> None:
+  """Builds the library if this machine's cache lacks it, loads it and registers its FFI
+  targets (once per process); OSError saying why it cannot."""
+  reason = missing()
+  if reason is not None:
+    raise OSError(reason)
   # libgomp reads this once, when oneDNN loads it: its idle threads sleep instead of spinning,
   # leaving the cores to XLA's threads between convolutions (and to other processes).
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-  try:
-    lib = ctypes.CDLL(_build(compiler, prefix))
-  except OSError as e:
-    return f"the oneDNN convolutions did not build or load: {e}"
+  lib = ctypes.CDLL(_build(_compiler(), _prefix()))
   for role, op in ROLES.items():
     for dtype, suffix in DTYPES.items():
       jax.ffi.register_ffi_target(_target(role, dtype),
                                   jax.ffi.pycapsule(getattr(lib, f"AllconvConv{op}{suffix}")),
                                   platform="cpu")
-  return None
 
 
 @functools.cache
 def unsupported(dtype: str) -> str | None:
-  """None if this CPU runs oneDNN convolutions in `dtype` ('float32' or 'bfloat16'); else why
-  not. bfloat16 is tried once on a tiny convolution and its gradients (oneDNN refuses it on
-  CPUs without AVX-512)."""
-  reason = unavailable()
-  if reason is not None or dtype not in DTYPES:
-    return reason or f"oneDNN convolutions take {' or '.join(DTYPES)}, not {dtype}"
+  """None if this CPU runs the loaded oneDNN convolutions in `dtype` ('float32' or
+  'bfloat16'); else why not. bfloat16 is tried once on a tiny convolution and its gradients
+  (oneDNN refuses it on CPUs without AVX-512)."""
+  if dtype not in DTYPES:
+    return f"oneDNN convolutions take {' or '.join(DTYPES)}, not {dtype}"
   if dtype == "float32":  # every x86-64 CPU oneDNN supports
     return None
   x, w, b = jnp.ones((1, 4, 4, 2), dtype), jnp.ones((3, 3, 2, 2), dtype), jnp.ones(2)
@@ -144,9 +152,7 @@ def _target(role: str, dtype: str) -> str:
 def _call(role: str, shapes: Sequence[jax.ShapeDtypeStruct], a: jax.Array, *rest: jax.Array,
           strides: tuple[int, int], pads: Pads) -> Any:
   """One FFI call: 'f' (x, w, bias) -> y, 'd' (dy, w) -> dx, 'w' (x, dy) -> (dw, dbias)."""
-  reason = unavailable()
-  if reason is not None:
-    raise RuntimeError(reason)
+  load()  # built and registered on first use
   attrs = dict(zip(("sh", "sw", "pt", "pb", "pl", "pr"),
                    tuple(np.int64(v) for v in (*strides, *pads[0], *pads[1])), strict=True))
   out = jax.ffi.ffi_call(_target(role, jnp.dtype(a.dtype).name), tuple(shapes),

@@ -1,4 +1,12 @@
-"""Config checks run before any compute: every mistake is one clear line (a UserError)."""
+"""The run's config: every key with its default (the paper's protocol), and the checks that run
+before any compute, so that every mistake is one clear line (a UserError).
+
+`get_config()` is the default every file in configs/ starts from. Network, optimizer and data
+settings follow Springenberg et al. (2015), section 3.1: SGD with momentum 0.9, weight decay
+0.001, 350 epochs with the rate x0.1 after epochs 200, 250 and 300, dropout 20 % on the input
+and 50 % after each pooling layer (or its replacement), GCN + ZCA whitened CIFAR-10. The keys
+are documented in docs/config.md.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +19,75 @@ from typing import Any
 
 import ml_collections
 
-from allconv_jax import models
+from allconv_jax import cpu, models
 from allconv_jax.data import cifar
 from allconv_jax.errors import UserError
-from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default config (All-CNN-C on CIFAR-10, the paper's protocol)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.num_epochs = 350
+  config.batch_size = 128
+  config.eval_batch_size = 500
+  config.log_every_steps = 100
+  config.restart = False
+  config.tensorboard = True
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "all_cnn_c"
+  config.model.width_multiplier = 1.0
+  config.model.final_relu = True
+  config.model.input_dropout = 0.2
+  config.model.dropout = 0.5
+  config.model.kernel_init = "he_normal"
+  config.model.init_std = 0.05
+  config.model.use_bias = True
+  config.model.bias_init = 0.0
+  config.model.padding = "symmetric"
+  config.model.dtype = "float32"
+  config.model.strided_grad = "auto"
+  config.model.conv_impl = "auto"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "tfds"
+  config.data.dataset = "cifar10"
+  config.data.dir = ""
+  config.data.label_type = "fine"
+  config.data.subset = ""
+  config.data.classes = ""
+  config.data.validation_size = 1000
+  config.data.validate_on_test = False
+  config.data.max_train_examples = 0
+  config.data.max_train_per_class = 0
+  config.data.max_test_examples = 0
+  config.data.preprocessing = "gcn_zca"
+  config.data.gcn_scale = 55.0
+  config.data.zca_epsilon = 0.1
+  config.data.augment = False
+  config.data.translate_pixels = 5
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 0.01
+  config.optimizer.learning_rates = ()
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 0.001
+  config.optimizer.boundaries = (200, 250, 300)
+  config.optimizer.decay_factor = 0.1
+  config.optimizer.warmup_epochs = 0.0
+  config.optimizer.freeze = ""
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_epochs = 10
+  config.checkpoint.keep = 3
+
+  config.transfer = ml_collections.ConfigDict()
+  config.transfer.source = ""
+  config.transfer.checkpoint = "latest"
+  config.transfer.new_classifier = True
+  return config
+
 
 MAX_WIDTH = 8.0  # 768 / 1536 channels: about 87 M parameters for All-CNN-C
 
@@ -71,18 +144,19 @@ def _type_ok(value: Any, reference: Any) -> bool:
 
 
 def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
-  """Unknown keys and wrong types against configs/default.py."""
-  reference = dict(flatten(default.get_config()))
+  """Unknown keys and wrong types against get_config()."""
+  reference = dict(flatten(get_config()))
   for key, value in flatten(config):
     if key not in reference:
-      raise UserError(f"unknown config key {key!r}{did_you_mean(key, reference)}; see README.md, "
-                      "'Config keys'")
+      raise UserError(f"unknown config key {key!r}{did_you_mean(key, reference)}; see "
+                      "docs/config.md")
     if not _type_ok(value, reference[key]):
       raise UserError(f"config key {key!r} must be a {type(reference[key]).__name__}, "
                       f"got {value!r}")
   for key in reference:
     if key not in dict(flatten(config)):
-      raise UserError(f"config lacks key {key!r}; start configs from configs/default.py")
+      raise UserError(f"config lacks key {key!r}; start configs from "
+                      "allconv_jax.config.get_config()")
 
 
 def did_you_mean(key: str, known: Any) -> str:
@@ -140,11 +214,12 @@ def _check_optimizer(opt: ml_collections.ConfigDict) -> None:
   _require(0 <= opt.momentum < 1, "optimizer.momentum", "must be in [0, 1)", opt.momentum)
   _require(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", opt.weight_decay)
   _require(opt.decay_factor > 0, "optimizer.decay_factor", "must be > 0", opt.decay_factor)
-  _require(opt.warmup_epochs >= 0, "optimizer.warmup_epochs", "must be >= 0",
-           opt.warmup_epochs)
+  _require(0 <= opt.warmup_epochs < math.inf, "optimizer.warmup_epochs",
+           "must be a finite number >= 0", opt.warmup_epochs)
   bounds = list(opt.boundaries)
-  _require(all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0
-               for b in bounds), "optimizer.boundaries", "must be positive epochs", opt.boundaries)
+  _require(all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < math.inf
+               for b in bounds), "optimizer.boundaries", "must be positive finite epochs",
+           opt.boundaries)
   _require(all(a < b for a, b in zip(bounds, bounds[1:], strict=False)), "optimizer.boundaries",
            "must be strictly increasing", opt.boundaries)
   _check_rates(opt)
@@ -163,8 +238,8 @@ def _check_model(model: ml_collections.ConfigDict) -> None:
   _require(0 <= model.input_dropout < 1, "model.input_dropout", "must be in [0, 1)",
            model.input_dropout)
   _require(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)", model.dropout)
-  for key, allowed in (("dtype", models.DTYPES), ("strided_grad", models.STRIDED_GRADS),
-                       ("conv_impl", models.CONV_IMPLS), ("kernel_init", models.KERNEL_INITS),
+  for key, allowed in (("dtype", models.DTYPES), ("strided_grad", cpu.STRIDED_GRADS),
+                       ("conv_impl", cpu.CONV_IMPLS), ("kernel_init", models.KERNEL_INITS),
                        ("padding", models.PADDINGS)):
     _require(model[key] in allowed, f"model.{key}", f"must be one of {', '.join(allowed)}",
              model[key])

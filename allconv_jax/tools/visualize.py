@@ -1,6 +1,6 @@
 r"""What a trained network looks at: gradients, the deconvnet rule and guided backpropagation.
 
-  python -m allconv_jax.visualize --workdir=/tmp/allconv/all_cnn_c --out=/tmp/allconv/vis \
+  python -m allconv_jax.tools.visualize --workdir=/tmp/allconv/all_cnn_c --out=/tmp/allconv/vis \
       [--checkpoint=latest|best] [--num_images=4] [--layer=backbone/stage2_conv1 --units=0,1,2]
 
 For the first test images, the input gradient of a target under three backward rules at every
@@ -30,8 +30,8 @@ import matplotlib
 import numpy as np
 from absl import app, flags
 
-from allconv_jax import cli, input_pipeline, models, transfer
-from allconv_jax import workdir as wd
+from allconv_jax import checkpointing, cli, files, input_pipeline, models
+from allconv_jax.data import preprocessing
 from allconv_jax.errors import UserError
 
 matplotlib.use("Agg")  # headless; must come before pyplot is imported
@@ -135,7 +135,8 @@ def input_gradients(model: models.AllConvNet, params: Any, images: jax.Array,
 
 def rule_models(model: models.AllConvNet, model_config: Any) -> dict[str, models.AllConvNet]:
   """The run's network with each backward rule (same module and parameters)."""
-  return {rule: models.create_model(model_config, model.num_classes, relu_rule=rule)
+  return {rule: models.create_model(model_config, model.num_classes,
+                                     model.options.convolutions, relu_rule=rule)
           for rule, _ in RULES}
 
 
@@ -190,7 +191,7 @@ def visualize(workdir: str, out: str, checkpoint: str = "latest", num_images: in
     raise UserError(f"--unit_objective must be one of {', '.join(UNIT_OBJECTIVES)}")
   if os.path.exists(out) and not os.path.isdir(out):
     raise UserError(f"--out {out} exists and is not a folder")
-  config, model, params = transfer.restore_run(workdir, checkpoint)
+  config, model, params = checkpointing.load_run(workdir, checkpoint)
   keys: tuple[str, ...] = ()
   if layer:
     layer, keys = resolve_layer(layer_paths(model, params), layer)
@@ -206,7 +207,7 @@ def visualize(workdir: str, out: str, checkpoint: str = "latest", num_images: in
     raise UserError(f"--num_images ({num_images}) exceeds the {len(splits.test_labels)} test "
                     "images")
   raw = splits.test_images[:num_images]
-  stats = input_pipeline.load_preprocessing(wd.path(workdir, wd.PREPROCESSING))
+  stats = preprocessing.load_preprocessing(files.path(workdir, files.PREPROCESSING))
   images = jnp.asarray(input_pipeline.apply_preprocessing(stats, raw))
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
   predicted = np.asarray(forward(params, images)).argmax(-1)
