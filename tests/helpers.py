@@ -1,4 +1,5 @@
-"""Shared test helpers: a tiny, fast config and a way to run main.py in a subprocess."""
+"""Shared test helpers: a tiny, fast config, and the programs run as real processes (for the
+tests where the process is what is tested: exit codes, stderr, signals, the command line)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ from typing import Any
 
 import ml_collections
 
-from configs import default
-from tests import launcher
+from allconv_jax.config import flatten, get_config
 
-ROOT = launcher.ROOT  # the repository root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 TIMING = ("images_per_sec", "elapsed_sec")  # metrics fields that differ between equal runs
 
 
@@ -23,11 +23,12 @@ def require_onednn() -> None:
 
   import pytest
 
-  from allconv_jax import onednn
+  from allconv_jax.cpu import onednn
 
   if platform.machine() != "x86_64" or platform.system() != "Linux":
     pytest.skip("the oneDNN convolutions are built on x86-64 Linux only")
-  assert onednn.unavailable() is None, onednn.unavailable()
+  assert onednn.missing() is None, onednn.missing()
+  onednn.load()
 
 
 def untimed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -37,9 +38,9 @@ def untimed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def metrics(workdir: str) -> list[dict[str, Any]]:
   """A run's metrics.jsonl records without their timing fields."""
-  from allconv_jax import workdir as wd
+  from allconv_jax import files
 
-  return untimed(wd.read_metrics(os.path.join(workdir, "metrics.jsonl")))
+  return untimed(files.read_metrics(os.path.join(workdir, "metrics.jsonl")))
 
 
 def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -47,7 +48,7 @@ def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
 
   Overrides use '__' for nesting, e.g. tiny_config(model__name='model_a', num_epochs=3).
   """
-  config = default.get_config()
+  config = get_config()
   config.num_epochs = 2
   config.batch_size = 32
   config.eval_batch_size = 64
@@ -72,10 +73,8 @@ def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 def tiny_flags(**overrides: Any) -> list[str]:
   """The --config.* flags that turn configs/all_cnn_c.py into tiny_config(**overrides)."""
-  from allconv_jax import config_lib
-
-  flat = dict(config_lib.flatten(tiny_config(**overrides)))
-  base = dict(config_lib.flatten(default.get_config()))
+  flat = dict(flatten(tiny_config(**overrides)))
+  base = dict(flatten(get_config()))
   base["model.name"] = "all_cnn_c"
   out = []
   for key, value in flat.items():
@@ -84,15 +83,28 @@ def tiny_flags(**overrides: Any) -> list[str]:
   return out
 
 
+def run(args: list[str], timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
+  """Runs a command from the repository root and captures its output (text)."""
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
+  return subprocess.run(args, cwd=kwargs.pop("cwd", ROOT), env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False, **kwargs)
+
+
 def run_main(*args: str, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
   """Runs `python main.py ARGS` from the repository root and captures its output."""
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  return launcher.run(
-    [sys.executable, os.path.join(ROOT, "main.py"), *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    **kwargs,
-  )
+  return run([sys.executable, os.path.join(ROOT, "main.py"), *args], timeout=timeout, **kwargs)
+
+
+def run_tool(module: str, *args: str, timeout: float = 300,
+             **kwargs: Any) -> subprocess.CompletedProcess:
+  """Runs `python -m allconv_jax.tools.MODULE ARGS` from the repository root."""
+  return run([sys.executable, "-m", f"allconv_jax.tools.{module}", *args], timeout=timeout,
+             **kwargs)
+
+
+def popen_main(*args: str, **kwargs: Any) -> subprocess.Popen:
+  """Starts `python main.py ARGS` (stdout and stderr piped, text) for tests that signal it."""
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          **kwargs)
