@@ -7,10 +7,15 @@ A checkpoint holds {"state": optim.TrainState, "sums": metrics.zeros()-shaped ru
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import os
+import re
 import shutil
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -40,12 +45,17 @@ def step_checksums(folder: str) -> dict[str, str]:
   return dict(sorted(sums.items()))
 
 
-def os_error(e: BaseException) -> OSError | None:
-  """The OSError behind an exception (orbax wraps them), if any."""
+def os_error(e: BaseException, folder: str) -> OSError | None:
+  """The OSError behind an exception (orbax wraps them; TensorStore reports a full disk as
+  RESOURCE_EXHAUSTED with the OS error's code in its text), if any."""
   seen = set()
   while e is not None and id(e) not in seen:
     if isinstance(e, OSError):
       return e
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if code:
+      number = int(code.group(1))
+      return OSError(number, os.strerror(number), folder)
     seen.add(id(e))
     e = e.__cause__ or e.__context__
   return None
@@ -64,6 +74,33 @@ def _all_finite(leaves: list[jax.Array]) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+@contextlib.contextmanager
+def quiet_orbax_echoes() -> Iterator[None]:
+  """Sends to the absl log at INFO, not stderr, the echoes of a failed orbax save or read.
+
+  orbax writes and reads a checkpoint's arrays in asyncio tasks on threads; when one of them
+  fails (a damaged step, a full disk), the others fail too, and their tracebacks and orbax's
+  own error lines come out one by one (dozens for one flipped bit, over a hundred lines for a
+  full disk). The caller reports the failure in one line; the echoes are caught here, and the
+  dead tasks are collected before the hooks are put back.
+  """
+  def to_log(what: str) -> None:
+    logging.info("orbax echoed: %s", what)
+
+  saved = (sys.excepthook, sys.unraisablehook, threading.excepthook,
+           logging.get_verbosity())
+  sys.excepthook = lambda kind, value, tb: to_log(f"{kind.__name__}: {value}")
+  sys.unraisablehook = lambda u: to_log(f"{u.exc_type.__name__}: {u.exc_value}")
+  threading.excepthook = lambda a: to_log(f"{a.exc_type.__name__}: {a.exc_value}")
+  logging.set_verbosity(logging.FATAL)  # orbax's own error lines for the same failure
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.excepthook, sys.unraisablehook, threading.excepthook, verbosity = saved
+    logging.set_verbosity(verbosity)
+
+
 class Checkpoints:
   """Saves and restores train states; keeps the newest `keep` plus the best one."""
 
@@ -74,7 +111,8 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))  # a failed save's
     path = files.path(workdir, files.BEST)
     # Kept in memory so that every process of a multi-host run prunes the same steps.
     self._best: dict[str, Any] | None = files.read_json(path) if os.path.exists(path) else None
@@ -103,10 +141,11 @@ class Checkpoints:
     if step in self.steps():
       self.manager.delete(step)
     try:
-      self.manager.save(step, args=ocp.args.StandardSave(tree))
-      self.manager.wait_until_finished()
+      with quiet_orbax_echoes():
+        self.manager.save(step, args=ocp.args.StandardSave(tree))
+        self.manager.wait_until_finished()
     except Exception as e:
-      cause = os_error(e)
+      cause = os_error(e, self.directory)
       if cause is None:
         raise
       raise cause from None  # disk full, folder removed: one line (cli.user_errors)
@@ -137,9 +176,12 @@ class Checkpoints:
     path = os.path.join(folder, ITEM)
     if not os.path.isdir(path):
       raise FileNotFoundError(f"{path} is missing")
-    if os.path.exists(os.path.join(folder, CHECKSUMS)):  # steps saved before they existed: none
+    if os.path.exists(os.path.join(folder, CHECKSUMS)):
       if files.read_json(os.path.join(folder, CHECKSUMS)) != step_checksums(folder):
         raise ValueError("its files do not match the checksums saved with it")
+    elif any(os.path.exists(os.path.join(self.directory, str(s), CHECKSUMS))
+             for s in self.steps()):  # only steps saved before checksums existed lack them
+      raise ValueError("its checksum file is missing, so its contents cannot be verified")
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(path, abstract)
 
@@ -152,7 +194,8 @@ class Checkpoints:
     steps = self.steps()
     for step in reversed(steps):
       try:
-        tree = self.restore(step, target)
+        with quiet_orbax_echoes():
+          tree = self.restore(step, target)
         if not all_finite(tree):
           raise ValueError("it holds non-finite values")
         if isinstance(tree, dict) and "state" in tree and int(tree["state"].step) != step:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging as pylogging
 import os
 import signal
 import sys
@@ -22,8 +23,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-  """Prints `error: message` on stderr and exits with `code`."""
+  """Prints `error: message` on stderr and exits with `code`; the libraries' log lines about
+  the same failure at the interpreter's exit (say, orbax's failed writes) are not printed."""
   print(f"error: {message}", file=sys.stderr, flush=True)
+  logging.set_verbosity(logging.FATAL)
+  pylogging.getLogger("asyncio").disabled = True
   sys.exit(code)
 
 

@@ -343,3 +343,24 @@ def fit_or_share(data_config: Any, train_images: np.ndarray, target: str
     os.makedirs(statistics_cache(), exist_ok=True)
     _link(target, shared)
   return stats, False
+
+
+def preprocessing_statistics(data_config: Any, workdir: str, source_path: str | None,
+                             train_images: np.ndarray, primary: bool
+                             ) -> tuple[dict[str, np.ndarray], str | None]:
+  """The statistics a run preprocesses with, and how they came (for the log): the workdir's
+  own (None), a transfer source's ('reused', copied in), or fitted ('fitted') or found in the
+  shared cache ('shared') and saved. Only the primary process writes."""
+  target = path(workdir, PREPROCESSING)
+  if os.path.exists(target):
+    return preprocessing.load_preprocessing(target), None
+  if source_path is not None:
+    stats = preprocessing.load_preprocessing(source_path)
+    if primary:
+      save_preprocessing(target, stats)
+    return stats, "reused"
+  if not primary:  # the others fit the same numbers themselves, writing nothing
+    return preprocessing.fit_preprocessing(data_config, train_images), "fitted"
+  stats, shared = fit_or_share(data_config, train_images, target)
+  return stats, "shared" if shared else "fitted"
+

@@ -15,6 +15,7 @@ The jitted steps it calls are in steps.py.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import time
@@ -39,7 +40,6 @@ from allconv_jax import (
   transfer,
 )
 from allconv_jax.config import to_json, validate
-from allconv_jax.data import preprocessing
 from allconv_jax.errors import UserError
 from allconv_jax.input_pipeline import replicate_tree
 from allconv_jax.optim import TrainState
@@ -115,7 +115,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if primary:
       files.write_json(files.path(workdir, files.CONFIG), to_json(config))
     t_data = time.time()
-    stats = preprocessing_statistics(config, workdir, source, splits.train_images, primary)
+    stats, how = files.preprocessing_statistics(
+        config.data, workdir, source.preprocessing_path if source else None,
+        splits.train_images, primary)
+    if how:
+      whose = {"reused": f" of {source.workdir}" if source else "",
+               "shared": " of an earlier run on the same images"}.get(how, "")
+      log(f"{how} the {config.data.preprocessing} preprocessing statistics{whose}")
     data = input_pipeline.put_on_devices(splits, stats, config.eval_batch_size, mesh)
     log(f"data: {data.num_train} train, {data.val.size} validation, {data.test.size} test "
         f"images, {len(data.class_names)} classes ({time.time() - t_data:.1f}s)")
@@ -248,8 +254,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               f"{train['accuracy']:.4f}" + (f", validation loss {val['loss']:.4f} accuracy "
                                             f"{val['accuracy']:.4f}" if val else ""))
           if not warned and epoch >= 1 and train["accuracy"] < 1.5 / len(data.class_names):
-            warned = True
-            log(stuck_warning(train, dead_relus(model, state.params, data), config))
+            dead = dead_relus(model, state.params, data)  # only while near chance: cheap
+            if train["logit_abs"] < 1e-4 or dead.get("classifier", 0.0) > 0:
+              warned = True
+              log(dead_warning(train, dead, config))
           is_best = val is not None and val["accuracy"] > best_acc
           best_acc = val["accuracy"] if is_best else best_acc
           last_epoch = epoch + 1 == config.num_epochs
@@ -295,10 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "best_epoch": best["epoch"] if best else None,
         "wall_time_sec": records[-1]["elapsed_sec"] if records else 0.0,
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
-        "convolutions": {"backend": convs.backend, "strided_grad":
-                         "polyphase" if convs.polyphase else "xla", "dtype": config.model.dtype,
-                         "reason": convs.reason,
-                         "epochs_by_backend": backend_epochs(records)},
+        "convolutions": {**convs.record(config.model.dtype), "epochs_by_backend": dict(
+            collections.Counter(r.get("convolutions", "unrecorded") for r in records))},
         "transfer_source": source.workdir if source else None,
         "dead_relu_fraction": dead_relus(model, state.params, data),
         "history": [*history(finished), {"epochs": config.num_epochs,
@@ -316,30 +322,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 # ----------------------------------------------------------------------------- helpers
 
 
-def preprocessing_statistics(config: ml_collections.ConfigDict, workdir: str,
-                             source: transfer.Source | None, train_images: np.ndarray,
-                             primary: bool) -> dict[str, Any]:
-  """The run's saved statistics, the transfer source's, or fitted ones (and shared with later
-  runs on the same training images and settings: files.fit_or_share)."""
-  path = files.path(workdir, files.PREPROCESSING)
-  if os.path.exists(path):
-    return preprocessing.load_preprocessing(path)
-  if source is not None:
-    stats = preprocessing.load_preprocessing(source.preprocessing_path)
-    log(f"reusing the preprocessing statistics of {source.workdir}")
-    if primary:
-      files.save_preprocessing(path, stats)
-    return stats
-  if not primary:  # the others fit the same numbers themselves, writing nothing
-    return preprocessing.fit_preprocessing(config.data, train_images)
-  t0 = time.time()
-  stats, shared = files.fit_or_share(config.data, train_images, path)
-  log(f"{'shared the' if shared else 'fitted'} {config.data.preprocessing} preprocessing "
-      f"statistics{' of an earlier run on the same images' if shared else ''} in "
-      f"{time.time() - t0:.1f}s")
-  return stats
-
-
 def dead_relus(model: models.AllConvNet, params: Any,
                data: input_pipeline.DeviceData) -> dict[str, float]:
   """Per ReLU layer, the fraction of channels silent on every image of the first batch of the
@@ -349,18 +331,17 @@ def dead_relus(model: models.AllConvNet, params: Any,
   return models.dead_relu_fractions(model, params, split.images[0][:n])
 
 
-def stuck_warning(train: dict[str, float], dead: dict[str, float],
-                  config: ml_collections.ConfigDict) -> str:
-  """The warning for a run whose training accuracy is near chance after its first epoch."""
-  what = ("the network looks dead (zero logits)" if train["logit_abs"] < 1e-4
-          else "training is stuck near chance")
-  classes = (f"; {dead['classifier']:.0%} of the class channels are zero on every image "
-             "(those classes can never be predicted)" if dead.get("classifier") else "")
+def dead_warning(train: dict[str, float], dead: dict[str, float],
+                 config: ml_collections.ConfigDict) -> str:
+  """The warning for a run near chance with zero logits or dead class channels (channels
+  that are zero on every image pass no gradient: those classes are never predicted)."""
+  what = ("the network looks dead (zero logits)" if train["logit_abs"] < 1e-4 else
+          f"{dead['classifier']:.0%} of the class channels are zero on every image, so their "
+          "classes are never predicted")
   remedies = "a lower optimizer.learning_rate, optimizer.warmup_epochs"
-  if config.model.final_relu:
-    remedies += ", or model.final_relu=False"
-  return (f"warning: {what}: train loss {train['loss']:.4f}, accuracy {train['accuracy']:.4f}"
-          f"{classes}; known remedies: {remedies}; dead ReLU channels per layer: "
+  remedies += ", or model.final_relu=False" if config.model.final_relu else ""
+  return (f"warning: {what} (train loss {train['loss']:.4f}, accuracy {train['accuracy']:.4f});"
+          f" known remedies: {remedies}; dead ReLU channels per layer: "
           + ", ".join(f"{n} {f:.0%}" for n, f in dead.items()))
 
 
@@ -386,15 +367,6 @@ def history(results: dict[str, Any] | None) -> list[dict[str, Any]]:
     return []
   return results.get("history") or [{"epochs": results.get("epochs"),
                                      "learning_rate": results.get("learning_rate")}]
-
-
-def backend_epochs(records: list[dict[str, Any]]) -> dict[str, int]:
-  """How many epochs each convolution backend trained ('unrecorded' before they were kept)."""
-  counts: dict[str, int] = {}
-  for r in records:
-    name = r.get("convolutions", "unrecorded")
-    counts[name] = counts.get(name, 0) + 1
-  return counts
 
 
 def eta(seconds: float) -> str:

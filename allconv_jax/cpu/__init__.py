@@ -48,6 +48,11 @@ class Convolutions:
     """'onednn+polyphase', 'xla', ...: what a resumed run compares with the record."""
     return self.backend + ("+polyphase" if self.polyphase else "")
 
+  def record(self, dtype: str) -> dict[str, str]:
+    """What results.json keeps of it (with the compute dtype)."""
+    return {"backend": self.backend, "strided_grad": "polyphase" if self.polyphase else "xla",
+            "dtype": dtype, "reason": self.reason}
+
   def describe(self) -> str:
     """One line for the run's log."""
     return (f"{'oneDNN' if self.backend == 'onednn' else 'XLA'} convolutions, "

@@ -135,8 +135,8 @@ def _pickled_batch(
   for key, k in zip(label_keys, num, strict=True):
     if key not in obj:
       raise _corrupt(path, f"no '{key}' entry")
-    try:
-      lab = np.asarray(obj[key], dtype=np.int64).reshape(-1)
+    try:  # as stored: a cast to int64 here would truncate float labels before the check
+      lab = np.asarray(obj[key]).reshape(-1)
     except (TypeError, ValueError) as e:
       raise _corrupt(path, f"bad '{key}'") from e
     labels.append(_check_labels(path, lab, len(data), k))
