@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from allconv_jax import cpu, files, input_pipeline, metrics, models, optim
 from allconv_jax.config import with_legacy_values
@@ -233,6 +234,74 @@ class Checkpoints:
 # ----------------------------------------------------------------------------- a trained run
 
 
+def saved_shapes(step_folder: str) -> dict[str, tuple[int, ...]] | None:
+  """{'backbone/stage1_conv1/kernel': shape, ...} of the parameters a checkpoint step holds,
+  from its metadata; None for a step whose files fail their checksums or whose metadata cannot
+  be read (restoring it says why). orbax is not let near files known to be damaged: its failed
+  reads echo tracebacks from its threads."""
+  checksums = os.path.join(step_folder, CHECKSUMS)
+  try:
+    if os.path.exists(checksums) and (files.read_json(checksums)
+                                      != step_checksums(step_folder)):
+      return None
+  except (OSError, UserError):
+    return None
+  with quiet_orbax_echoes():
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      return shapes(handler.metadata(epath.Path(step_folder, ITEM)).tree
+                    ["state"]["params"])
+    except Exception:  # noqa: BLE001 - unreadable metadata: load_run reports the checkpoint
+      return None
+    finally:
+      handler.close()
+
+
+def shapes(params: Any) -> dict[str, tuple[int, ...]]:
+  """{'a/b/kernel': shape} of every leaf of a parameter tree (arrays or their metadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves}
+
+
+def difference(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]]) -> str:
+  """The first parameter where a checkpoint and the config's network differ, in words."""
+  for name in sorted(saved.keys() | wanted.keys()):
+    if name not in wanted:
+      return f"the checkpoints hold {name} {saved[name]}, which its network does not have"
+    if name not in saved:
+      return f"its network has {name} {wanted[name]}, which the checkpoints do not hold"
+    if saved[name] != wanted[name]:
+      return f"{name} is {saved[name]} in the checkpoints, {wanted[name]} in its network"
+  return "they agree"
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict, params: Any,
+                 which: str = "latest") -> None:
+  """UserError if a run's config.json describes another network (`params`: its parameters'
+  shapes) than every readable checkpoint it would load from (the best one for which='best')
+  holds: the config, not the checkpoints, is then what changed."""
+  steps = files.checkpoint_steps(workdir)
+  if which == "best":
+    best_path = files.path(workdir, files.BEST)
+    best = files.read_json(best_path) if os.path.exists(best_path) else None
+    steps = [best["step"]] if isinstance(best, dict) and best.get("step") in steps else []
+  folder = files.path(workdir, files.CHECKPOINTS)
+  saved = [s for s in (saved_shapes(os.path.join(folder, str(n))) for n in reversed(steps))
+           if s is not None]
+  if not saved:
+    return
+  wanted = shapes(params)
+  if any(s == wanted for s in saved):
+    return
+  model = config.model
+  raise UserError(
+      f"{files.path(workdir, files.CONFIG)} does not match the run's checkpoints "
+      f"({difference(saved[0], wanted)}; config: {model.name}, width x{model.width_multiplier:g}, "
+      f"{input_pipeline.num_classes(config.data)} classes): restore the config.json the run was "
+      "trained with (a finished run's results.json keeps a copy under 'config')")
+
+
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in its workdir; UserError if there is none."""
   config_path = files.path(workdir, files.CONFIG)
@@ -265,6 +334,7 @@ def load_checkpoint(workdir: str, which: str = "latest") -> tuple[ml_collections
   target = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
       jax.eval_shape(abstract_tree))
+  check_config(workdir, config, target["state"].params, which)
   ckpts = Checkpoints(workdir)
   try:
     if which == "best":

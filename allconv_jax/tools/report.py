@@ -3,11 +3,15 @@ r"""Results table and learning curves of finished runs, beside the paper's numbe
   python -m allconv_jax.tools.report --root=/tmp/allconv/sweep --out=/tmp/allconv/report
   python -m allconv_jax.tools.report --workdirs=/tmp/allconv/all_cnn_c,/tmp/allconv/model_a \
       --out=DIR
+  python -m allconv_jax.tools.report --study_root=results/study_reduced --out=results/study_reduced
 
 Writes OUT/results.md (network, dataset, rate, epochs, augmentation, preprocessing, test error,
 the paper's test error and the course project's accuracy where they apply), OUT/<run>.png
 (validation accuracy and training loss per epoch) and OUT/comparison.png (validation accuracy
-per epoch of every run).
+per epoch of every run); with --study_root also OUT/study.md, a table per stage of the study.
+Run folders are written relative to OUT, never as this machine's absolute paths. Every run is
+read first: a damaged number in a results.json or metrics.jsonl stops the report with one line
+naming the file, before anything is written.
 """
 
 from __future__ import annotations
@@ -19,21 +23,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
 from absl import app, flags
 
 from allconv_jax import cli, files, paper
 from allconv_jax.errors import UserError
-from allconv_jax.tools import sweep
-
-matplotlib.use("Agg")  # headless; must come before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from allconv_jax.tools import plots, selection
+from allconv_jax.tools.selection import error_pct, pct, rate_name
 
 SKIP_DIRS = (files.CHECKPOINTS, files.CORRUPT, files.TENSORBOARD)
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 COMPARISON_PNG = "comparison.png"
-LINE_STYLES = ("-", "--", ":", "-.")
 STUDY_JSON = "study.json"
 STUDY_MD = "study.md"
 COLUMNS = ("Run", "Network", "Dataset", "LR", "Epochs", "Augmentation", "Preprocessing",
@@ -79,7 +78,8 @@ def labels_for(workdirs: Sequence[str], root: str | None = None) -> list[str]:
 
 
 def load_run(workdir: str, label: str) -> Run:
-  """Reads a run's results.json and metrics.jsonl; UserError if the results are missing/bad."""
+  """Reads a run's results.json and metrics.jsonl; UserError if either is missing or damaged
+  (selection.check_results, selection.read_metrics)."""
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir} does not exist")
   path = files.path(workdir, files.RESULTS)
@@ -92,7 +92,8 @@ def load_run(workdir: str, label: str) -> Run:
     raise UserError(f"{path} is unreadable: {e}") from None
   if not isinstance(results, dict) or "test_accuracy" not in results:
     raise UserError(f"{path} is not a run's results.json (no test_accuracy)")
-  return Run(label, workdir, results, files.read_metrics(files.path(workdir, files.METRICS)))
+  return Run(label, workdir, selection.check_results(results, path),
+             selection.read_metrics(workdir))
 
 
 def load_runs(workdirs: Sequence[str], root: str | None = None) -> list[Run]:
@@ -168,19 +169,31 @@ def table_row(run: Run) -> list[str]:
   dataset = dataset_label(r)
   width = r.get("width_multiplier", 1.0)
   network = r.get("model", "?") + (f" (width x{width:g})" if width != 1.0 else "")
-  best = r.get("best_val_accuracy")
   paper_err, course = references(r)
   return [
-      run.label, network, dataset, f"{r.get('learning_rate', float('nan')):g}",
-      str(r.get("epochs", "?")), "yes" if r.get("augment") else "no",
-      str(r.get("preprocessing", "?")),
-      "—" if best is None else f"{100 * best:.2f}",
-      f"{100 * (1 - r['test_accuracy']):.2f}", paper_err, course,
+      run.label, network, dataset, learning_rate(r), str(r.get("epochs", "?")),
+      "yes" if r.get("augment") else "no", str(r.get("preprocessing", "?")),
+      pct(r.get("best_val_accuracy")), error_pct(r["test_accuracy"]), paper_err, course,
   ]
 
 
-def results_markdown(runs: Sequence[Run], plots: dict[str, str]) -> str:
-  """results.md: the table, the notes on the references and the plots."""
+def learning_rate(results: dict[str, Any]) -> str:
+  """The run's learning rate as text ('?' in results that do not record it)."""
+  return f"{results['learning_rate']:g}" if "learning_rate" in results else "?"
+
+
+def folder(workdir: str, out: str) -> str | None:
+  """A run's folder relative to the report's folder `out`, which stays right wherever the two
+  are moved together; None where they share no folder but the filesystem root (the path would
+  only spell out this machine's layout)."""
+  workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+  if os.path.commonpath([workdir, out]) == os.path.abspath(os.sep):
+    return None
+  return os.path.relpath(workdir, out).replace(os.sep, "/")
+
+
+def results_markdown(runs: Sequence[Run], pngs: dict[str, str], out: str) -> str:
+  """results.md (in `out`): the table, the notes on the references and the plots."""
   lines = ["# Results", "",
            "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
   lines += ["| " + " | ".join(table_row(run)) + " |" for run in runs]
@@ -195,15 +208,25 @@ def results_markdown(runs: Sequence[Run], plots: dict[str, str]) -> str:
       "shown only for runs in their setting (real data, all classes and images, width x1; "
       "the transfer numbers for runs on class1/class2).",
       "", "## Validation accuracy per epoch", "", f"![comparison]({COMPARISON_PNG})", "",
-      "## Runs", "",
+      "## Runs", "", "Run folders are given relative to this file.", "",
   ]
   for run in runs:
-    lines += [f"### {run.label}", "", f"`{run.workdir}`", "", f"![{run.label}]({plots[run.label]})",
-              ""]
+    where = folder(run.workdir, out)
+    lines += [f"### {run.label}", "", *([f"`{where}`", ""] if where else []),
+              f"![{run.label}]({pngs[run.label]})", ""]
   return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- plots
+
+
+def comparison_curves(runs: Sequence[Run]) -> list[tuple[str, list[dict[str, Any]]]]:
+  """(legend label: the run's label, with its network unless the label names it, metrics)."""
+  curves = []
+  for run in runs:
+    model = str(run.results.get("model", "?"))
+    curves.append((run.label if model in run.label else f"{run.label} ({model})", run.metrics))
+  return curves
 
 
 def plot_name(label: str) -> str:
@@ -211,88 +234,25 @@ def plot_name(label: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]", "_", label.replace("/", "__")) + ".png"
 
 
-def curve(metrics: Sequence[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[
-    list[int], list[float]]:
-  """(epochs, values) of one metric, skipping epochs where it is missing."""
-  points = [(m["epoch"], scale * m[key]) for m in metrics if m.get(key) is not None]
-  return [e for e, _ in points], [v for _, v in points]
-
-
-def plot_run(run: Run, path: str) -> None:
-  """Validation accuracy and training loss per epoch of one run, side by side."""
-  fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-  epochs, acc = curve(run.metrics, "val_accuracy", 100.0)
-  ax_acc.plot(epochs, acc, marker="." if len(epochs) < 30 else None, color="tab:blue")
-  ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
-  epochs, loss = curve(run.metrics, "train_loss")
-  ax_loss.plot(epochs, loss, marker="." if len(epochs) < 30 else None, color="tab:red")
-  ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
-  for ax in (ax_acc, ax_loss):
-    ax.grid(alpha=0.3)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if not ax.lines[0].get_xdata().size:
-      ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-  r = run.results
-  fig.suptitle(f"{run.label}: {r.get('model')} on {dataset_label(r)}, lr "
-               f"{r.get('learning_rate', float('nan')):g}, test error "
-               f"{100 * (1 - r['test_accuracy']):.2f} %")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def line_styles(n: int) -> list[tuple[Any, str]]:
-  """n distinct (colour, line style) pairs: tab10 up to 10 runs, tab20 up to 20, then tab20
-  again with dashed, dotted and dash-dot lines (80 pairs), then colours from turbo."""
-  if n > 80:
-    return [(plt.get_cmap("turbo")(i / (n - 1)), "-") for i in range(n)]
-  colours = plt.get_cmap("tab10" if n <= 10 else "tab20").colors
-  return [(colours[i % len(colours)], LINE_STYLES[i // len(colours)]) for i in range(n)]
-
-
-def comparison_figure(runs: Sequence[Run]) -> Any:
-  """Validation accuracy per epoch of every run on one set of axes; the legend to the right
-  of the axes (in columns of at most 25 runs), never over the curves."""
-  columns = max(1, -(-len(runs) // 25))
-  fig, ax = plt.subplots(figsize=(8 + 3 * columns, 5 + 0.1 * min(len(runs), 25)))
-  for run, (colour, style) in zip(runs, line_styles(len(runs)), strict=True):
-    epochs, acc = curve(run.metrics, "val_accuracy", 100.0)
-    model = str(run.results.get("model", "?"))
-    label = run.label if model in run.label else f"{run.label} ({model})"
-    ax.plot(epochs, acc, label=label, color=colour, linestyle=style,
-            marker="." if len(epochs) < 30 else None)
-  ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy per epoch")
-  ax.grid(alpha=0.3)
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=columns,
-            borderaxespad=0.0)
-  fig.tight_layout()
-  return fig
-
-
-def plot_comparison(runs: Sequence[Run], path: str) -> None:
-  """comparison_figure(runs), saved to `path`."""
-  fig = comparison_figure(runs)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
 def write_report(runs: Sequence[Run], out: str) -> str:
   """Writes results.md and the plots into `out`; returns the path of results.md."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise UserError(f"--out {out} exists and is not a folder")
   os.makedirs(out, exist_ok=True)
-  plots: dict[str, str] = {}
+  pngs: dict[str, str] = {}
   for run in runs:
     name = plot_name(run.label)
-    while name in plots.values() or name == COMPARISON_PNG:
+    while name in pngs.values() or name == COMPARISON_PNG:
       name = name.removesuffix(".png") + "_.png"
-    plots[run.label] = name
+    pngs[run.label] = name
   for run in runs:
-    plot_run(run, os.path.join(out, plots[run.label]))
-  plot_comparison(runs, os.path.join(out, COMPARISON_PNG))
+    r = run.results
+    plots.plot_run(run.metrics, f"{run.label}: {r.get('model')} on {dataset_label(r)}, lr "
+                   f"{learning_rate(r)}, test error {error_pct(r['test_accuracy'])} %",
+                   os.path.join(out, pngs[run.label]))
+  plots.plot_comparison(comparison_curves(runs), os.path.join(out, COMPARISON_PNG))
   path = os.path.join(out, "results.md")
-  files.write_text(path, results_markdown(runs, plots))
+  files.write_text(path, results_markdown(runs, pngs, out))
   return path
 
 
@@ -315,13 +275,13 @@ def stage_records(root: str, stage: dict[str, Any], network: str) -> list[dict[s
   """Every grid point of one config of a study stage, judged as the study judged it."""
   records = []
   for rate in stage["learning_rates"]:
-    workdir = os.path.join(root, stage["name"], network, f"lr{sweep.rate_name(rate)}")
-    results = files.read_results(workdir) or {}
+    workdir = os.path.join(root, stage["name"], network, f"lr{rate_name(rate)}")
+    results = selection.read_results(workdir) or {}
     record = {"network": network, "learning_rate": rate, "workdir": workdir,
               "status": "trained" if results else "missing", "epochs": results.get("epochs"),
               "best_val_accuracy": results.get("best_val_accuracy"),
               "final_val_accuracy": results.get("final_val_accuracy")}
-    records.append(sweep.selection_record(record, stage["select_epochs"]))
+    records.append(selection.selection_record(record, stage["select_epochs"]))
   return records
 
 
@@ -332,14 +292,14 @@ def stage_table(root: str, stage: dict[str, Any]) -> tuple[list[str], list[Run]]
   reference = ("Course test acc. % (class1 / class2)" if course
                else "Paper test error % (width x1, 350 epochs)")
   when = f"after epoch {k}" if k else "best epoch"
-  lines = ["| Network | " + " | ".join(f"val. % {when}, lr {sweep.rate_name(r)}" for r in rates)
+  lines = ["| Network | " + " | ".join(f"val. % {when}, lr {rate_name(r)}" for r in rates)
            + " | Chosen lr | Epochs | Best val. % | Test acc. % | Test error % | "
            + reference + " |", "|---" * (len(rates) + 7) + "|"]
   runs = []
   for network in stage["configs"]:
     records = stage_records(root, stage, network)
-    winner = sweep.pick_winners(records).get(network)
-    cells = [_pct_cell(r["best_val_accuracy"]) if r["status"] in sweep.OK_STATUSES else "—"
+    winner = selection.pick_winners(records).get(network)
+    cells = [pct(r["best_val_accuracy"]) if r["status"] in selection.OK_STATUSES else "—"
              for r in records]
     if winner is None:
       lines.append(f"| {network} | " + " | ".join(cells + ["—"] * 6) + " |")
@@ -357,33 +317,31 @@ def stage_table(root: str, stage: dict[str, Any]) -> tuple[list[str], list[Run]]
           r.get("model", ""), r.get("dataset", ""), bool(r.get("augment")))
       ref = "—" if err is None else f"{err:.2f}"
     lines.append(f"| {network} | " + " | ".join(cells + [
-        sweep.rate_name(winner["learning_rate"]), str(r.get("epochs")),
-        _pct_cell(r.get("best_val_accuracy")), _pct_cell(r["test_accuracy"]),
-        f"{100 * (1 - r['test_accuracy']):.2f}", ref]) + " |")
+        rate_name(winner["learning_rate"]), str(r.get("epochs")), pct(r.get("best_val_accuracy")),
+        pct(r["test_accuracy"]), error_pct(r["test_accuracy"]), ref]) + " |")
   return lines, runs
 
 
-def _pct_cell(x: float | None) -> str:
-  return "—" if x is None else f"{100 * x:.2f}"
-
-
 def write_study_report(root: str, out: str) -> str:
-  """OUT/study.md (a table per stage), a validation plot per stage and the winners' report."""
+  """OUT/study.md (a table per stage), a validation plot per stage and the winners' report.
+  Every run is read (and checked) before anything is written."""
   plan = read_study(root)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out {out} exists and is not a folder")
+  tables = [(stage, *stage_table(root, stage)) for stage in plan["stages"]]
   os.makedirs(out, exist_ok=True)
   lines = ["# Study", "",
            "Generated by `python -m allconv_jax.tools.report --study_root=ROOT --out=OUT` "
            "from the runs' files; each rate is chosen on validation accuracy, as the study ran.",
            ""]
   winners: list[Run] = []
-  for stage in plan["stages"]:
-    table, runs = stage_table(root, stage)
+  for stage, table, runs in tables:
     lines += [f"## {stage['name']}", "",
               f"Configs: {', '.join(stage['configs'])}; overrides: "
               f"`{' '.join(stage['overrides']) or 'none'}`.", "", *table, ""]
     if runs:
       png = f"{stage['name']}_validation.png"
-      plot_comparison(runs, os.path.join(out, png))
+      plots.plot_comparison(comparison_curves(runs), os.path.join(out, png))
       lines += [f"![{stage['name']}]({png})", ""]
     winners += runs
   if winners:

@@ -36,9 +36,11 @@ from absl import app, flags
 from allconv_jax import cli, files
 from allconv_jax.errors import UserError
 from allconv_jax.tools import report, sweep
+from allconv_jax.tools.invocations import INVOCATIONS
+from allconv_jax.tools.selection import OK_STATUSES, pick_winners, rate_name, selection_record
 
 STUDY_JSON = report.STUDY_JSON
-EXPORTED_FILES = (files.CONFIG, files.RESULTS, files.METRICS, "sweep.log", sweep.INVOCATIONS)
+EXPORTED_FILES = (files.CONFIG, files.RESULTS, files.METRICS, "sweep.log", INVOCATIONS)
 COMPARES = ("paper", "course_transfer")
 WINNER = re.compile(r"\{winner:([A-Za-z0-9_.-]+)(?:/([A-Za-z0-9_.-]+))?\}")
 
@@ -147,24 +149,24 @@ def run_config(stage: Stage, config: str, root: str, flags_: Sequence[str],
                     [*flags_, *epochs_flag(stage.select_epochs)])
   records = []
   for i, point in enumerate(grid, 1):
-    rate = sweep.rate_name(point.learning_rate)
+    rate = rate_name(point.learning_rate)
     head = f"[{stage.name} {i}/{len(grid)}] {point.network} lr {rate}"
     records.append(sweep.execute(point, child, echo, head))
     if child.stopped:
       raise sweep.SweepInterrupted(f"stopped in stage {stage.name}; run the same command to go on")
-  chosen = sweep.pick_winners([sweep.selection_record(r, stage.select_epochs) for r in records])
+  chosen = pick_winners([selection_record(r, stage.select_epochs) for r in records])
   best = chosen.get(grid[0].network)
   if best is None:
     return None
   if not stage.select_epochs:
     return next(r for r in records if r["workdir"] == best["workdir"])
   final = sweep.plan([config], [best["learning_rate"]], stage_root, flags_)[0]
-  echo(f"[{stage.name}] {final.network}: lr {sweep.rate_name(final.learning_rate)} chosen "
+  echo(f"[{stage.name}] {final.network}: lr {rate_name(final.learning_rate)} chosen "
        f"after epoch {stage.select_epochs}; running it to epoch {final.config.num_epochs}")
   record = sweep.execute(final, child, echo, f"[{stage.name}] {final.network} full run")
   if child.stopped:
     raise sweep.SweepInterrupted(f"stopped in stage {stage.name}; run the same command to go on")
-  return record if record["status"] in sweep.OK_STATUSES else None
+  return record if record["status"] in OK_STATUSES else None
 
 
 def run_stage(stage: Stage, root: str, overrides: Sequence[str], outcomes: dict[str, Outcome],
@@ -227,7 +229,7 @@ def run_study(stages: Sequence[Stage], root: str, overrides: Sequence[str] = (),
     if out:
       export(root, out, plan)
 
-  with sweep._forward_signals() as child:
+  with sweep.forward_signals() as child:
     for stage in stages:
       outcomes[stage.name] = run_stage(stage, root, overrides, outcomes, child, echo, after_run)
   if out:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -33,11 +31,12 @@ from absl import app, flags
 from allconv_jax import cli, files
 from allconv_jax.config import run_defining_changes
 from allconv_jax.errors import UserError
+from allconv_jax.tools import selection
+from allconv_jax.tools.invocations import log_invocation
+from allconv_jax.tools.selection import error_pct, pct, pick_winners, rate_name
 
 PAPER_RATES = (0.25, 0.1, 0.05, 0.01)  # the set the paper chose its rates from (section 3.1)
 RATE_KEY = "optimizer.learning_rate"
-OK_STATUSES = ("trained", "skipped")
-INVOCATIONS = "invocations.jsonl"  # one line per main.py run of a point: command, commit, time
 
 
 class SweepInterrupted(Exception):
@@ -56,11 +55,6 @@ class Point:
 
 
 # ----------------------------------------------------------------------------- planning
-
-
-def rate_name(rate: float) -> str:
-  """A rate as folder-name text: 0.05 -> '0.05' (the shortest text that reads back exactly)."""
-  return repr(float(rate))
 
 
 def parse_rates(values: Sequence[str]) -> tuple[float, ...]:
@@ -117,7 +111,7 @@ def plan(config_files: Sequence[str], rates: Sequence[float], root: str,
 
 def finished_results(point: Point) -> dict[str, Any] | None:
   """The point's results if its run is finished with the same run-defining settings."""
-  results = files.read_results(point.workdir)
+  results = selection.read_results(point.workdir)
   if results is None or results.get("epochs", 0) < point.config.num_epochs:
     return None
   saved = results.get("config")
@@ -135,7 +129,7 @@ class _Child:
 
 
 @contextlib.contextmanager
-def _forward_signals() -> Iterator[_Child]:
+def forward_signals() -> Iterator[_Child]:
   """SIGINT/SIGTERM mark the sweep stopped and go on to main.py, which saves a checkpoint."""
   child = _Child()
   if threading.current_thread() is not threading.main_thread():
@@ -157,46 +151,18 @@ def main_command(point: Point) -> list[str]:
           f"--workdir={point.workdir}"]
 
 
-def git_commit() -> str | None:
-  """The repository's HEAD commit, with '+changes' if the working tree differs; None outside git."""
-  try:
-    head = subprocess.run(["git", "-C", cli.REPO_ROOT, "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=True, timeout=30).stdout.strip()
-    dirty = subprocess.run(["git", "-C", cli.REPO_ROOT, "status", "--porcelain", "-uno"],
-                           capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return head + ("+changes" if dirty else "")
-
-
-def machine() -> str:
-  """The CPU model, core count and memory of this machine: 'Intel Xeon ..., 2 cores, 24 GiB'."""
-  model = platform.processor() or platform.machine()
-  memory = ""
-  with contextlib.suppress(OSError):
-    with open("/proc/cpuinfo") as f:
-      model = next((line.split(":", 1)[1].strip() for line in f
-                    if line.startswith("model name")), model)
-    with open("/proc/meminfo") as f:
-      kib = int(f.readline().split()[1])
-      memory = f", {kib / 2**20:.0f} GiB"
-  return f"{model}, {os.cpu_count()} cores{memory}"
-
-
-def log_invocation(workdir: str, command: Sequence[str], started: float, returncode: int) -> None:
-  """Appends one main.py invocation (command, commit, machine, wall time) to invocations.jsonl."""
-  record = {"command": " ".join(command), "git_commit": git_commit(), "machine": machine(),
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "wall_sec": round(time.time() - started, 1), "returncode": returncode}
-  with open(os.path.join(workdir, INVOCATIONS), "a") as f:
-    f.write(json.dumps(record) + "\n")
+def child_env() -> dict[str, str]:
+  """main.py's environment: this one, unbuffered, with this code first on its import path (so
+  that it runs the same code from any folder, installed or not)."""
+  path = [cli.REPO_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
+  return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(path)}
 
 
 def run_point(point: Point, child: _Child, echo: Callable[[str], None]) -> tuple[int, str | None]:
   """Runs main.py for a point, echoing and logging its output: (exit status, its error line)."""
   os.makedirs(point.workdir, exist_ok=True)
   started = time.time()
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  env = child_env()
   prefix = f"[{point.network} lr{rate_name(point.learning_rate)}]"
   error = None
   with open(os.path.join(point.workdir, "sweep.log"), "a") as log:
@@ -244,39 +210,8 @@ def point_record(point: Point, status: str, results: dict[str, Any] | None,
 # ----------------------------------------------------------------------------- summarising
 
 
-def pick_winners(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
-  """Per network, the finished point with the highest best-epoch validation accuracy.
-
-  Ties go to the higher final validation accuracy, then to the rate listed first. A network
-  without a finished, validated point gets None.
-  """
-  winners: dict[str, dict[str, Any] | None] = {}
-  for rec in records:
-    winners.setdefault(rec["network"], None)
-    if rec["status"] not in OK_STATUSES or rec.get("best_val_accuracy") is None:
-      continue
-    best = winners[rec["network"]]
-    key = (rec["best_val_accuracy"], rec.get("final_val_accuracy") or -1.0)
-    if best is None or key > (best["best_val_accuracy"], best.get("final_val_accuracy") or -1.0):
-      winners[rec["network"]] = rec
-  return winners
-
-
-def selection_record(record: dict[str, Any], epochs: int) -> dict[str, Any]:
-  """A point's record judged on its first `epochs` epochs (all of them for 0): best and last
-  validation accuracy from its metrics.jsonl, so a run continued past them is judged the same."""
-  if not epochs or record["status"] not in OK_STATUSES:
-    return record
-  metrics = [m for m in files.read_metrics(files.path(record["workdir"], files.METRICS))
-             if m["epoch"] <= epochs and m.get("val_accuracy") is not None]
-  if not metrics or metrics[-1]["epoch"] != epochs:
-    return {**record, "status": "failed", "error": f"no validation record of epoch {epochs}"}
-  return {**record, "best_val_accuracy": max(m["val_accuracy"] for m in metrics),
-          "final_val_accuracy": metrics[-1]["val_accuracy"]}
-
-
 def sweep_summary(root: str, rates: Sequence[float], overrides: Sequence[str],
-              records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+                  records: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """The sweep.json contents."""
   winners = pick_winners(records)
   return {
@@ -289,10 +224,6 @@ def sweep_summary(root: str, rates: Sequence[float], overrides: Sequence[str],
           "workdir": w["workdir"]} for net, w in winners.items()},
       "failed": sum(r["status"] == "failed" for r in records),
   }
-
-
-def _pct(x: float | None) -> str:
-  return "—" if x is None else f"{100 * x:.2f}"
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
@@ -317,13 +248,13 @@ def to_markdown(summary: dict[str, Any]) -> str:
       elif p["status"] == "failed":
         cells.append("failed")
       else:
-        cell = _pct(p["best_val_accuracy"])
+        cell = pct(p["best_val_accuracy"])
         cells.append(f"**{cell}**" if win is not None and win["learning_rate"] == rate else cell)
     if win is None:
       cells += ["—", "—"]
     else:
       test = win["test_accuracy"]
-      cells += [rate_name(win["learning_rate"]), "—" if test is None else f"{100 * (1 - test):.2f}"]
+      cells += [rate_name(win["learning_rate"]), "—" if test is None else error_pct(test)]
     lines.append(f"| {net} | " + " | ".join(cells) + " |")
   failed = [p for p in summary["points"] if p["status"] == "failed"]
   if failed:
@@ -347,7 +278,7 @@ def execute(point: Point, child: _Child, echo: Callable[[str], None], head: str
   results = finished_results(point)
   if results is not None:
     echo(f"{head}: skipped, finished ({results['epochs']} epochs, validation accuracy "
-         f"{_pct(results.get('best_val_accuracy'))} %) in {point.workdir}")
+         f"{pct(results.get('best_val_accuracy'))} %) in {point.workdir}")
     return point_record(point, "skipped", results)
   if child.stopped:
     return point_record(point, "interrupted", None, None, "stopped before it started")
@@ -375,7 +306,7 @@ def run_sweep(config_files: Sequence[str], rates: Sequence[float], root: str,
   points = plan(config_files, rates, root, overrides)
   os.makedirs(root, exist_ok=True)
   records: list[dict[str, Any]] = []
-  with _forward_signals() as child:
+  with forward_signals() as child:
     for i, point in enumerate(points, 1):
       name = f"{point.network} lr {rate_name(point.learning_rate)}"
       record = execute(point, child, echo, f"[{i}/{len(points)}] {name}")
