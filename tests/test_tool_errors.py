@@ -192,3 +192,22 @@ def test_config_and_study_names_resolve_from_any_folder(tmp_path, monkeypatch):
                         cwd=tmp_path, env=sweep.child_env(), capture_output=True, text=True,
                         check=False, timeout=120)
   assert proc.returncode == 0 and proc.stdout.strip() == ROOT, proc.stderr
+
+
+def test_a_study_on_a_fresh_machine_starts_from_the_runs_exported_to_out(tmp_path):
+  out, root = tmp_path / "out", tmp_path / "root"
+  run = out / "stage" / "all_cnn_c" / "lr0.01"
+  run.mkdir(parents=True)
+  for name in ("config.json", "results.json", "metrics.jsonl", "sweep.log"):
+    (run / name).write_text(f"{name}\n")
+  (out / "stage" / "all_cnn_c" / "lr0.05").mkdir()  # no results.json: not a finished run
+  (out / "study.md").write_text("report\n")
+  assert study.copy_runs(str(out), str(root), only_missing=True) == 1
+  copied = root / "stage" / "all_cnn_c" / "lr0.01"
+  assert sorted(os.listdir(copied)) == ["config.json", "metrics.jsonl", "results.json",
+                                        "sweep.log"]
+  assert not (root / "stage" / "all_cnn_c" / "lr0.05").exists()
+  assert not (root / "study.md").exists()
+  (copied / "results.json").write_text("newer\n")  # the run in ROOT wins from now on
+  assert study.copy_runs(str(out), str(root), only_missing=True) == 0
+  assert (copied / "results.json").read_text() == "newer\n"

@@ -14,10 +14,12 @@ earlier stage's winning run as `{winner:STAGE}` (or `{winner:STAGE/CONFIG}`). Ov
 the command line apply to every run.
 
 Stopping (Ctrl-C) and running the same command again continues where it stopped; finished runs
-are not redone. After each run the small files of every finished run (config.json,
-results.json, metrics.jsonl, sweep.log, invocations.jsonl: command, git commit, machine, wall
-time) are copied to OUT/<stage>/<config>/lr<rate>/, with OUT/study.json (the plan) and the
-report (`report.write_study_report`: study.md, results.md, curve PNGs) regenerated from them.
+are not redone, also on a fresh machine: the finished runs exported to OUT are copied back
+into ROOT first (without checkpoints). After each run the small files of every finished run
+(config.json, results.json, metrics.jsonl, sweep.log, invocations.jsonl: command, git commit,
+machine, wall time) are copied to OUT/<stage>/<config>/lr<rate>/, with OUT/study.json (the
+plan) and the report (`report.write_study_report`: study.md, results.md, curve PNGs)
+regenerated from them.
 """
 
 from __future__ import annotations
@@ -196,17 +198,28 @@ def plan_json(stages: Sequence[Stage], overrides: Sequence[str]) -> dict[str, An
       {**dataclasses.asdict(s), "configs": [stem(c) for c in s.configs]} for s in stages]}
 
 
-def export(root: str, out: str, plan: dict[str, Any]) -> None:
-  """Copies every finished run's small files to OUT (same layout) and regenerates the report."""
-  for folder, dirs, names in os.walk(root):
+def copy_runs(source: str, target: str, only_missing: bool = False) -> int:
+  """Copies the small files of every finished run (a folder holding results.json) below
+  `source` to the same place below `target` (with only_missing, only runs `target` lacks);
+  returns how many runs were copied."""
+  copied = 0
+  for folder, dirs, names in os.walk(source):
     dirs[:] = sorted(d for d in dirs if d not in report.SKIP_DIRS)
-    if files.RESULTS not in names:
+    destination = os.path.join(target, os.path.relpath(folder, source))
+    if files.RESULTS not in names or (
+        only_missing and os.path.exists(os.path.join(destination, files.RESULTS))):
       continue
-    target = os.path.join(out, os.path.relpath(folder, root))
-    os.makedirs(target, exist_ok=True)
+    os.makedirs(destination, exist_ok=True)
     for name in EXPORTED_FILES:
       if name in names:
-        shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
+        shutil.copyfile(os.path.join(folder, name), os.path.join(destination, name))
+    copied += 1
+  return copied
+
+
+def export(root: str, out: str, plan: dict[str, Any]) -> None:
+  """Copies every finished run's small files to OUT (same layout) and regenerates the report."""
+  copy_runs(root, out)
   files.write_json(os.path.join(out, STUDY_JSON), plan)
   report.write_study_report(out, out)
 
@@ -223,6 +236,11 @@ def run_study(stages: Sequence[Stage], root: str, overrides: Sequence[str] = (),
   plan = plan_json(stages, overrides)
   os.makedirs(root, exist_ok=True)
   files.write_json(os.path.join(root, STUDY_JSON), plan)
+  if out and os.path.isdir(out):  # a fresh machine: OUT (committed) knows the finished runs
+    restored = copy_runs(out, root, only_missing=True)
+    if restored:
+      echo(f"restored {restored} finished run(s) from {out} into {root} (without checkpoints: "
+           "a stage that starts from one of them trains it again)")
   outcomes: dict[str, Outcome] = {}
 
   def after_run() -> None:
