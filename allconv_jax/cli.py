@@ -95,8 +95,9 @@ def parse_config_flags(argv: list[str]) -> list[str]:
   except SystemExit:
     raise
   except Exception as e:  # noqa: BLE001 - ml_collections raises plain errors for bad overrides
-    unknown = unknown_override(argv[1:])
-    fail(unknown or f"could not parse the flags: {type(e).__name__}: {e}")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    fail(unknown_override(argv[1:])
+         or f"could not load the config file: {lines[-1] if lines else type(e).__name__}")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -1,26 +1,27 @@
-"""The throughput benchmark CLI (`python -m allconv_jax.benchmark`) on a tiny network."""
+"""The throughput benchmark (`python -m allconv_jax.tools.benchmark`) on a tiny network, and the
+step profile of benchmarks/profile_step.py."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-from allconv_jax import benchmark, models, steps
-from tests import helpers, launcher
-from tests.helpers import ROOT, tiny_config
+from allconv_jax import cli, cpu, models
+from allconv_jax.errors import UserError
+from allconv_jax.tools import benchmark
+from tests import helpers
+from tests.helpers import tiny_config
 
-TINY = ("--config=configs/all_cnn_c.py", "--config.model.width_multiplier=0.05",
-        "--config.batch_size=16", "--steps=2", "--repeats=2")
+TINY = ("--config=all_cnn_c", "--config.model.width_multiplier=0.05", "--config.batch_size=16",
+        "--steps=2", "--repeats=2")
 
 
-def run_benchmark(*args: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
-  return launcher.run([sys.executable, "-m", "allconv_jax.benchmark", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=300)
+def run_benchmark(*args: str):
+  """The benchmark as a program (its flags, its output, its exit status)."""
+  return helpers.run([sys.executable, "-m", "allconv_jax.tools.benchmark", *args],
+                     env={"JAX_PLATFORMS": "cpu"})
 
 
 def check_output(stdout: str) -> float:
@@ -34,39 +35,63 @@ def check_output(stdout: str) -> float:
   return float(match.group(1))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_benchmark_cli(dtype: str) -> None:
-  proc = run_benchmark(*TINY, f"--config.model.dtype={dtype}", "--torch_images_per_sec=50",
+def check_full_output(stdout: str, dtype: str, eval_batch: int) -> float:
+  """check_output, and the header, the peak fraction of --cpu_peak_gflops=200 and the ratio to
+  --torch_images_per_sec=50 that both runs below ask for."""
+  assert f", {dtype}, batch 16," in stdout
+  chosen = cpu.choose("auto", "auto", dtype)  # what the benchmark picks on this machine
+  assert f"convolutions: {chosen.describe()}, on 1 x cpu" in stdout, stdout
+  ips = check_output(stdout)
+  tflops = float(re.search(r"achieved (\d+\.\d+) TFLOP/s", stdout).group(1))
+  fraction = re.search(r"^peak fraction: (\d+\.\d)% of the CPU's float32 limit \(200 GFLOP/s: "
+                       r"--cpu_peak_gflops\)$", stdout, re.M)
+  assert fraction and abs(float(fraction.group(1)) - tflops * 1e3 / 200 * 100) < 0.6, stdout
+  ratio = re.search(r"^ratio to PyTorch: (\d+\.\d\d) \(", stdout, re.M)
+  assert ratio and abs(float(ratio.group(1)) - ips / 50) < 0.01, stdout
+  assert re.search(rf"^eval images/s: \d+\.\d \(batch {eval_batch}\)$", stdout, re.M), stdout
+  return ips
+
+
+@pytest.mark.slow
+def test_benchmark_cli() -> None:
+  """The program: flags, a config by its bare name and overrides in, the report out, exit
+  status 0."""
+  proc = run_benchmark(*TINY, "--config.model.dtype=bfloat16", "--torch_images_per_sec=50",
                        "--cpu_peak_gflops=200")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f", {dtype}, batch 16," in proc.stdout
-  on_onednn = models.use_onednn("auto", dtype)  # auto on the CPU
-  library = "oneDNN" if on_onednn else "XLA (strided input gradient polyphase)"
-  assert f"convolutions: {library}, on 1 x cpu" in proc.stdout
-  ips = check_output(proc.stdout)
-  tflops = float(re.search(r"achieved (\d+\.\d+) TFLOP/s", proc.stdout).group(1))
-  fraction = re.search(r"^peak fraction: (\d+\.\d)% of the CPU's float32 limit \(200 GFLOP/s: "
-                       r"--cpu_peak_gflops\)$", proc.stdout, re.M)
-  assert fraction and abs(float(fraction.group(1)) - tflops * 1e3 / 200 * 100) < 0.6, proc.stdout
-  ratio = re.search(r"^ratio to PyTorch: (\d+\.\d\d) \(", proc.stdout, re.M)
-  assert ratio and abs(float(ratio.group(1)) - ips / 50) < 0.01, proc.stdout
-  assert re.search(r"^eval images/s: \d+\.\d \(batch 500\)$", proc.stdout, re.M), proc.stdout
+  check_full_output(proc.stdout, "bfloat16", 500)
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--config.model.dtype=float16",), "error: config key 'model.dtype' must be one of"),
-    (("--config.batch_size=0",), "error: config key 'batch_size' must be >= 1"),
-    (("--config.nope=1",), "error: unknown config key 'nope'"),
-    (("--steps=0",), "error: flag --steps=0"),
-    (("--torch_images_per_sec=0",), "error: --torch_images_per_sec must be positive"),
-    ((), "error: --config is required"),
-])
-def test_benchmark_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
-  config = () if not args else ("--config=configs/all_cnn_c.py",)
-  proc = run_benchmark(*config, *args)
+@pytest.mark.slow
+def test_benchmark_cli_refuses_a_nonpositive_reference_in_one_line() -> None:
+  proc = run_benchmark("--config=configs/all_cnn_c.py", *TINY[1:], "--torch_images_per_sec=0")
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
-  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "error: --torch_images_per_sec must be positive (got 0)"], proc.stderr
+
+
+def test_benchmark_in_process(capsys: pytest.CaptureFixture) -> None:
+  config = tiny_config(batch_size=16)
+  out = benchmark.benchmark(config, steps=2, warmup=1, repeats=2, torch_images_per_sec=50,
+                            cpu_peak_gflops=200)
+  ips = check_full_output(capsys.readouterr().out, "float32", config.eval_batch_size)
+  assert abs(out["images_per_sec"] - ips) < 0.1 and len(out["chunk_sec"]) == 2
+  assert out["torch_ratio"] == pytest.approx(out["images_per_sec"] / 50)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"model__dtype": "float16"}, "config key 'model.dtype' must be one of"),
+    ({"batch_size": 0}, "config key 'batch_size' must be >= 1"),
+])
+def test_benchmark_checks_the_config_before_any_compute(override, message) -> None:
+  with pytest.raises(UserError, match=re.escape(message)):
+    benchmark.prepare(tiny_config(**override), steps=1, seed=0)
+
+
+def test_unknown_override_is_named() -> None:
+  """What the benchmark's flag parser (cli.parse_config_flags) prints for an unknown key."""
+  line = cli.unknown_override(["--config.batch_size=8", "--config.nope=1"])
+  assert line is not None and line.startswith("unknown config key 'nope' in --config.nope=1")
 
 
 def test_nominal_peaks() -> None:
@@ -94,7 +119,7 @@ def test_cpu_float32_limit_from_cpuinfo() -> None:
 def test_benchmark_scan_path_compiles_ahead_of_time(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
   """The GPU/TPU path (one jitted lax.scan per chunk), forced on the CPU."""
-  monkeypatch.setattr(steps, "use_scan", lambda: True)
+  monkeypatch.setattr(cpu, "scan_steps", lambda: True)
   out = benchmark.benchmark(tiny_config(batch_size=8), steps=2, warmup=1, repeats=1)
   stdout = capsys.readouterr().out
   assert "(ahead of time; chunk of 2 steps as one dispatch)" in stdout
@@ -126,6 +151,7 @@ def expected_conv_flops(config) -> dict[str, dict[str, float]]:
   return out
 
 
+@pytest.mark.slow
 def test_profile_finds_every_convolution_of_the_step_with_its_role_and_flops() -> None:
   """benchmarks/profile_step.py: each 3x3 layer has its forward convolution, its weight
   gradient and (but the first) its input gradient in the compiled step, with their FLOPs, and
@@ -149,7 +175,7 @@ def test_profile_finds_every_convolution_of_the_step_with_its_role_and_flops() -
 
 
 def test_profile_finds_every_onednn_convolution_with_its_role_and_flops() -> None:
-  """With oneDNN convolutions (allconv_jax/onednn.py), every role of every 3x3 layer is one FFI
+  """With oneDNN convolutions (allconv_jax/cpu/onednn.py), every role of every 3x3 layer is one FFI
   call with the forward pass's FLOPs (the first layer's input gradient is not computed); the
   report counts their traced times as convolutions, not as other thunks."""
   from benchmarks import profile_step

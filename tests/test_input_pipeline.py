@@ -1,8 +1,11 @@
-"""Tests of allconv_jax.input_pipeline on tiny official-format CIFAR files."""
+"""The data: class lists and selection, the official CIFAR files (layouts, the restricted
+unpickler, every kind of damage), splits, synthetic and TFDS sources, preprocessing and its
+statistics files, augmentation."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import textwrap
 import time
@@ -12,19 +15,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from allconv_jax import config_lib
+from allconv_jax import config as config_lib
+from allconv_jax import files
 from allconv_jax import input_pipeline as ip
-from allconv_jax.data import cifar, local_files, preprocessing, synthetic, tfds_source
+from allconv_jax.data import cifar, preprocessing, synthetic, tfds_source
 from allconv_jax.errors import UserError
-from configs import default
-from tests import cifar_fixtures, launcher
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import cifar_fixtures, helpers
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """The default data config with `overrides`."""
-  cfg = default.get_config().data
+  cfg = config_lib.get_config().data
   for key, value in overrides.items():
     setattr(cfg, key, value)
   return cfg
@@ -120,7 +121,7 @@ def test_check_config_errors(overrides, fragment):
   message = user_error(config_lib.check_data, data_config(**overrides))
   assert fragment in message
   # The one full check (config_lib.validate, run before any compute) gives the same line.
-  config = default.get_config()
+  config = config_lib.get_config()
   config.data = data_config(**overrides)
   assert user_error(config_lib.validate, config) == message
 
@@ -354,9 +355,9 @@ def test_corrupt_pickle(tmp_path, damage):
   elif damage == "empty":
     content = b""
   elif damage == "not_a_dict":
-    content = __import__("pickle").dumps([1, 2, 3], protocol=2)
+    content = pickle.dumps([1, 2, 3], protocol=2)
   else:
-    content = __import__("pickle").dumps(
+    content = pickle.dumps(
       {b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}, protocol=2
     )
   with open(path, "wb") as f:
@@ -375,7 +376,7 @@ def test_pickle_with_foreign_objects_is_refused(tmp_path):
       return (os.mkdir, (str(marker),))
 
   with open(path, "wb") as f:
-    __import__("pickle").dump({b"data": Evil()}, f, protocol=2)
+    pickle.dump({b"data": Evil()}, f, protocol=2)
   message = user_error(ip.load_splits, local(tmp_path, validation_size=5), 0)
   assert path in message and not marker.exists()
 
@@ -515,27 +516,27 @@ def test_tfds_missing(monkeypatch):
   assert "data.source=local" in message
 
 
+@pytest.mark.slow
 def test_local_and_synthetic_do_not_import_tensorflow(tmp_path):
   cifar_fixtures.make_cifar10(tmp_path, "binary", n_train=20, n_test=5)
   code = textwrap.dedent(f"""
     import sys
     import ml_collections
     from allconv_jax import input_pipeline as ip
-    from configs import default
-    cfg = default.get_config().data
+    from allconv_jax.config import get_config
+    from allconv_jax.data import preprocessing
+    cfg = get_config().data
     cfg.source, cfg.dir, cfg.validation_size = "local", {str(tmp_path)!r}, 5
     cfg.preprocessing = "meanstd"
     s = ip.load_splits(cfg, 0)
-    ip.apply_preprocessing(ip.fit_preprocessing(cfg, s.train_images), s.train_images)
+    ip.apply_preprocessing(preprocessing.fit_preprocessing(cfg, s.train_images), s.train_images)
     cfg.source = "synthetic"
     ip.load_splits(cfg, 0)
     ip.check_available(cfg)
     bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
     print("TF" if bad else "OK", bad[:3])
   """)
-  result = launcher.run(
-    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-  )
+  result = helpers.run([sys.executable, "-c", code], timeout=120)
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("OK"), result.stdout
 
@@ -547,7 +548,7 @@ def test_local_and_synthetic_do_not_import_tensorflow(tmp_path):
 
 def test_meanstd_and_none():
   images = cifar_fixtures.random_images(7, 0)
-  stats = ip.fit_preprocessing(data_config(preprocessing="meanstd"), images)
+  stats = preprocessing.fit_preprocessing(data_config(preprocessing="meanstd"), images)
   out = ip.apply_preprocessing(stats, images)
   assert out.dtype == np.float32 and out.shape == images.shape
   expected = (images / 255.0 - np.array([0.4914, 0.4822, 0.4465])) / np.array(
@@ -555,7 +556,7 @@ def test_meanstd_and_none():
   )
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   none = ip.apply_preprocessing(
-    ip.fit_preprocessing(data_config(preprocessing="none"), images), images
+    preprocessing.fit_preprocessing(data_config(preprocessing="none"), images), images
   )
   np.testing.assert_allclose(none, images / 255.0, rtol=1e-6)
 
@@ -580,7 +581,7 @@ def _smooth_images(n: int, seed: int) -> np.ndarray:
 def test_gcn_zca_whitens_the_training_data(tmp_path):
   train = _smooth_images(300, 0)
   cfg = data_config(preprocessing="gcn_zca", zca_epsilon=1e-5)
-  stats = ip.fit_preprocessing(cfg, train)
+  stats = preprocessing.fit_preprocessing(cfg, train)
   assert str(stats["kind"]) == "gcn_zca" and stats["whitening"].shape == (3072, 3072)
   np.testing.assert_allclose(stats["whitening"], stats["whitening"].T, atol=1e-4)  # ZCA: symmetric
   y = ip.apply_preprocessing(stats, train).reshape(300, -1).astype(np.float64)
@@ -595,9 +596,9 @@ def test_gcn_zca_whitens_the_training_data(tmp_path):
   # Saved and loaded statistics give identical outputs on other data.
   test = _smooth_images(20, 1)
   path = str(tmp_path / "sub" / "preprocessing")
-  ip.save_preprocessing(path, stats)
+  files.save_preprocessing(path, stats)
   assert os.listdir(tmp_path / "sub") == ["preprocessing"]  # no suffix added, no temp file left
-  loaded = ip.load_preprocessing(path)
+  loaded = preprocessing.load_preprocessing(path)
   assert set(loaded) == set(stats) and str(loaded["kind"]) == "gcn_zca"
   np.testing.assert_array_equal(
     ip.apply_preprocessing(loaded, test), ip.apply_preprocessing(stats, test)
@@ -628,20 +629,50 @@ def test_zca_matrix_covariance_and_gram_paths_agree():
 @pytest.mark.parametrize("kind", ["none", "meanstd"])
 def test_save_load_other_kinds(tmp_path, kind):
   images = cifar_fixtures.random_images(3, 0)
-  stats = ip.fit_preprocessing(data_config(preprocessing=kind), images)
-  ip.save_preprocessing(str(tmp_path / "p.npz"), stats)
-  loaded = ip.load_preprocessing(str(tmp_path / "p.npz"))
+  stats = preprocessing.fit_preprocessing(data_config(preprocessing=kind), images)
+  files.save_preprocessing(str(tmp_path / "p.npz"), stats)
+  loaded = preprocessing.load_preprocessing(str(tmp_path / "p.npz"))
   np.testing.assert_array_equal(
     ip.apply_preprocessing(loaded, images), ip.apply_preprocessing(stats, images)
   )
 
 
 def test_load_preprocessing_errors(tmp_path):
-  assert "not found" in user_error(ip.load_preprocessing, str(tmp_path / "missing.npz"))
+  assert "not found" in user_error(preprocessing.load_preprocessing, str(tmp_path / "missing.npz"))
   (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 broken")
-  assert "corrupt" in user_error(ip.load_preprocessing, str(tmp_path / "bad.npz"))
+  assert "corrupt" in user_error(preprocessing.load_preprocessing, str(tmp_path / "bad.npz"))
   np.savez(tmp_path / "partial.npz", kind=np.array("gcn_zca"), mean=np.zeros(3072))
-  assert "incomplete" in user_error(ip.load_preprocessing, str(tmp_path / "partial.npz"))
+  assert "incomplete" in user_error(preprocessing.load_preprocessing, str(tmp_path / "partial.npz"))
+
+
+def test_runs_on_the_same_images_share_their_statistics(tmp_path, monkeypatch):
+  """files.fit_or_share: the first run fits and shares its file; a run on the same images and
+  settings links it (the same bytes, not refitted); other images or settings fit anew; a
+  damaged shared file is fitted again, not trusted."""
+  monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "shared"))
+  assert files.statistics_cache() == str(tmp_path / "shared")
+  cfg = data_config(preprocessing="gcn_zca")
+  images = _smooth_images(40, 0)
+  first, shared = files.fit_or_share(cfg, images, str(tmp_path / "a.npz"))
+  assert not shared and os.listdir(tmp_path / "shared") == [
+      files.statistics_key(cfg, images) + ".npz"]
+  monkeypatch.setattr(preprocessing, "fit_preprocessing", lambda *a: pytest.fail("refitted"))
+  again, shared = files.fit_or_share(cfg, images, str(tmp_path / "b.npz"))
+  assert shared and os.path.samefile(tmp_path / "a.npz", tmp_path / "b.npz")
+  np.testing.assert_array_equal(again["whitening"], first["whitening"])
+  monkeypatch.undo()
+  monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "shared"))
+  other = data_config(preprocessing="gcn_zca", zca_epsilon=0.2)
+  assert files.statistics_key(other, images) != files.statistics_key(cfg, images)
+  assert files.statistics_key(cfg, images[:-1]) != files.statistics_key(cfg, images)
+  assert not files.fit_or_share(other, images, str(tmp_path / "c.npz"))[1]
+  shared_file = tmp_path / "shared" / (files.statistics_key(cfg, images) + ".npz")
+  os.remove(shared_file)
+  shared_file.write_bytes(b"PK\x03\x04 broken")
+  stats, shared = files.fit_or_share(cfg, images, str(tmp_path / "d.npz"))
+  assert not shared
+  np.testing.assert_array_equal(stats["whitening"], first["whitening"])
+  assert preprocessing.load_preprocessing(str(shared_file))["whitening"].shape == (3072, 3072)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,7 +749,31 @@ def test_validate_on_test_uses_the_test_images():
     config_lib.check_data(data_config(validate_on_test=True))
 
 
-def test_float_labels_in_a_data_file_are_refused():
-  with pytest.raises(UserError, match="not whole numbers"):
-    local_files._check_labels("data_batch_1", np.array([0.0, 2.5, 1.0]), 3, 10)
-  assert local_files._check_labels("data_batch_1", np.array([0.0, 2.0]), 2, 10).tolist() == [0, 2]
+@pytest.mark.parametrize("fmt", ["list", "array"])
+def test_float_labels_in_a_data_file_are_refused_not_truncated(tmp_path, fmt):
+  """Labels 3.7 are not label 3: a python batch whose labels are not whole numbers is refused
+  with one line naming the file (a list of floats, or a float array)."""
+  fake = cifar_fixtures.make_cifar10(tmp_path, "python", n_train=50, n_test=20)
+  path = os.path.join(fake.folder, "data_batch_3")
+  with open(path, "rb") as f:
+    batch = pickle.load(f, encoding="bytes")
+  labels = np.asarray(batch[b"labels"]) + 0.7
+  batch[b"labels"] = [float(v) for v in labels] if fmt == "list" else labels
+  with open(path, "wb") as f:
+    pickle.dump(batch, f, protocol=2)
+  message = user_error(ip.load_splits, local(tmp_path, validation_size=5), 0)
+  assert path in message and "not whole numbers" in message
+
+
+def test_whole_float_labels_are_read_as_integers(tmp_path):
+  """Labels stored as floats with whole values (2.0) are the integers they hold."""
+  fake = cifar_fixtures.make_cifar10(tmp_path, "python", n_train=50, n_test=20)
+  path = os.path.join(fake.folder, "test_batch")
+  with open(path, "rb") as f:
+    batch = pickle.load(f, encoding="bytes")
+  batch[b"labels"] = [float(v) for v in batch[b"labels"]]
+  with open(path, "wb") as f:
+    pickle.dump(batch, f, protocol=2)
+  splits = ip.load_splits(local(tmp_path, validation_size=5), 0)
+  np.testing.assert_array_equal(splits.test_labels, fake.test_labels)
+  assert splits.test_labels.dtype == np.int32

@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allconv_jax import conv as conv_lib
-from allconv_jax import models
+from allconv_jax import cpu, models
+from allconv_jax.config import get_config, validate
+from allconv_jax.cpu import polyphase
 from allconv_jax.errors import UserError
-from configs import default
-from tests import launcher
-from tests.helpers import ROOT
+from tests import helpers
 
 
 def conv(cin: int, cout: int, k: int) -> int:
@@ -41,9 +40,12 @@ ALL = [f"{v}_{b}" for b in "abc" for v in ("model", "strided_cnn", "convpool_cnn
 OPTION_FIELDS = {f.name for f in dataclasses.fields(models.ConvOptions)}
 
 
-def make(name: str = "all_cnn_c", classes: int = 10, **kw) -> models.AllConvNet:
-  """A network; keywords that name ConvOptions fields (dtype, kernel_init, ...) go there."""
-  options = models.ConvOptions(**{k: kw.pop(k) for k in list(kw) if k in OPTION_FIELDS})
+def make(name: str = "all_cnn_c", classes: int = 10, polyphase_grad: bool = False,
+         **kw) -> models.AllConvNet:
+  """A network with XLA convolutions (the polyphase strided input gradient if asked); keywords
+  that name ConvOptions fields (dtype, kernel_init, ...) go there."""
+  options = models.ConvOptions(convolutions=cpu.Convolutions("xla", polyphase_grad),
+                               **{k: kw.pop(k) for k in list(kw) if k in OPTION_FIELDS})
   return models.AllConvNet(arch=name, num_classes=classes, options=options, **kw)
 
 
@@ -169,44 +171,47 @@ def test_class_layer_is_a_separate_submodule():
 
 
 def test_create_model_from_config_and_unknown_name():
-  config = default.get_config()
-  model = models.create_model(config.model, 100)
-  assert model.arch == "all_cnn_c" and model.num_classes == 100
-  config.model.name = "all_cnn_d"
-  with pytest.raises(UserError, match="valid names: model_a"):
-    models.create_model(config.model, 10)
+  config = get_config()
+  convolutions = cpu.Convolutions("xla", True, "a test")
+  model = models.create_model(config.model, 100, convolutions, relu_rule="guided")
+  assert model.arch == "all_cnn_c" and model.num_classes == 100 and model.relu_rule == "guided"
+  assert model.options.convolutions is convolutions
+  config.model.name = "all_cnn_d"  # config.validate, run before any model is built, names them
+  with pytest.raises(UserError, match="^unknown model.name 'all_cnn_d'; valid names: model_a"):
+    validate(config)
 
 
 def test_flops_match_the_brief():
   assert models.train_flops_per_image("all_cnn_c", 1.0, 10) == pytest.approx(1.62e9, rel=0.01)
 
 
-def run(*args):
-  return launcher.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
+def test_summary_is_the_layer_table_and_the_parameter_count():
+  text = models.summary(models.create_model(get_config().model, 10, cpu.Convolutions()))
+  assert text.splitlines()[-1] == "total parameters: 1,369,738"
+  assert "backbone/stage2_reduce" in text and "classifier" in text
 
 
-def test_summary_cli_without_tensorflow():
-  # Hide TensorFlow: --summary must neither import it nor build data.
-  code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None;"
-          "sys.argv = ['main.py', '--config=configs/all_cnn_c.py', '--summary'];"
-          "import runpy; runpy.run_path('main.py', run_name='__main__')")
-  r = launcher.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                     timeout=300)
+@pytest.mark.slow
+def test_summary_cli_honours_overrides_without_tensorflow():
+  """`main.py --summary` (the program: a bare config name, an override, its output) neither
+  imports TensorFlow nor builds data."""
+  hide = "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None"
+  code = (f"{hide}; sys.argv = ['main.py', *sys.argv[1:]]; import runpy; "
+          "runpy.run_path('main.py', run_name='__main__')")
+  r = helpers.run([sys.executable, "-c", code, "--config=all_cnn_c", "--summary",
+                   "--config.data.dataset=cifar100"])
   assert r.returncode == 0, r.stderr
-  lines = r.stdout.strip().splitlines()
-  assert lines[-1] == "total parameters: 1,369,738"
+  assert r.stdout.strip().splitlines()[-1] == f"total parameters: {1_369_738 + 90 * 193:,}"
   assert "backbone/stage2_reduce" in r.stdout and "classifier" in r.stdout
 
 
-def test_summary_honours_overrides_and_rejects_unknown_names():
-  r = run("--config=configs/all_cnn_c.py", "--summary", "--config.data.dataset=cifar100")
-  assert r.returncode == 0, r.stderr
-  assert r.stdout.strip().splitlines()[-1] == f"total parameters: {1_369_738 + 90 * 193:,}"
-  r = run("--config=configs/model_a.py", "--summary", "--config.model.name=model_d")
-  assert r.returncode != 0
-  assert r.stderr.strip().splitlines() == [
-      "error: unknown model.name 'model_d'; valid names: " + ", ".join(ALL)]
+def test_unknown_model_names_are_one_line():
+  """What main.py (--summary or not) prints after 'error: ' for an unknown model.name."""
+  config = get_config()
+  config.model.name = "model_d"
+  with pytest.raises(UserError) as e:
+    validate(config)
+  assert str(e.value) == "unknown model.name 'model_d'; valid names: " + ", ".join(ALL)
 
 
 # (input size, kernel, stride, padding): the paper's layers (3x3/2 SAME on 32 and 16, 5x5/2 and
@@ -227,7 +232,7 @@ def test_polyphase_gradients_equal_autodiff(size, kernel, stride, padding):
     return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
 
   def ours(x, w):
-    return conv_lib.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+    return polyphase.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
 
   y = ref(x, w)
   np.testing.assert_array_equal(ours(x, w), y)
@@ -242,12 +247,14 @@ def test_polyphase_gradients_equal_autodiff(size, kernel, stride, padding):
 
 def test_polyphase_leaves_unstrided_convolutions_to_lax():
   x, w = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 2))
-  jaxpr = str(jax.make_jaxpr(lambda x, w: conv_lib.conv_general_dilated(
+  jaxpr = str(jax.make_jaxpr(lambda x, w: polyphase.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, w))
   assert "custom_vjp" not in jaxpr and "conv_general_dilated" in jaxpr
 
 
-@pytest.mark.parametrize("name", ["strided_cnn_a", "strided_cnn_b", "all_cnn_c"])
+@pytest.mark.parametrize("name", [pytest.param("strided_cnn_a", marks=pytest.mark.slow),
+                                  pytest.param("strided_cnn_b", marks=pytest.mark.slow),
+                                  "all_cnn_c"])
 def test_polyphase_network_gradients_equal_xla(name):
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   fast = make(name, width_multiplier=0.125, polyphase_grad=True)
@@ -265,16 +272,20 @@ def test_polyphase_network_gradients_equal_xla(name):
 
 
 def test_strided_grad_setting():
-  config = default.get_config()
+  """model.strided_grad: 'auto' takes the polyphase gradient on the CPU only."""
+  config = get_config()
   assert config.model.strided_grad == "auto"
   on_cpu = jax.default_backend() == "cpu"
-  assert models.create_model(config.model, 10).options.polyphase_grad == on_cpu
-  for setting, polyphase in (("xla", False), ("polyphase", True)):
-    config.model.strided_grad = setting
-    assert models.create_model(config.model, 10).options.polyphase_grad is polyphase
-  config.model.strided_grad = "fast"
+  assert cpu.choose("xla", "auto", "float32").polyphase == on_cpu
+  for setting, want in (("xla", False), ("polyphase", True)):
+    chosen = cpu.choose("xla", setting, "float32")
+    assert (chosen.backend, chosen.polyphase) == ("xla", want)
+    assert chosen.name == "xla" + ("+polyphase" if want else "")
   with pytest.raises(UserError, match="unknown model.strided_grad 'fast'"):
-    models.create_model(config.model, 10)
+    cpu.choose("xla", "fast", "float32")
+  config.model.strided_grad = "fast"
+  with pytest.raises(UserError, match="'model.strided_grad' must be one of auto, xla, polyphase"):
+    validate(config)
 
 
 def test_dead_relu_fractions_in_layer_order():

@@ -15,7 +15,9 @@ import numpy as np
 import optax
 import pytest
 
-from allconv_jax import models, visualize
+from allconv_jax import cpu, models
+from allconv_jax.config import get_config
+from allconv_jax.tools import visualize
 from tests import helpers
 from tests import numpy_reference as ref
 
@@ -26,11 +28,17 @@ WIDTH = 0.05
 RTOL = 1e-4
 
 
+def slow_unless(fast: bool, *values):
+  """A parameter set, marked slow unless `fast`: `pytest -m "not slow"` keeps a representative
+  subset of these many combinations; the whole suite checks every one."""
+  return pytest.param(*values, marks=() if fast else pytest.mark.slow)
+
+
 def setup(name: str, classes: int = 10, padding: str = "symmetric", polyphase: bool = False,
           relu_rule: str = "standard", use_bias: bool = True, onednn: bool = False):
   """(model, float32 params with random biases, float64 copy by layer name, images, labels)."""
-  options = models.ConvOptions(padding=padding, polyphase_grad=polyphase, use_bias=use_bias,
-                               onednn=onednn)
+  convolutions = cpu.Convolutions(backend="onednn" if onednn else "xla", polyphase=polyphase)
+  options = models.ConvOptions(padding=padding, use_bias=use_bias, convolutions=convolutions)
   model = models.AllConvNet(arch=name, num_classes=classes, width_multiplier=WIDTH,
                             options=options, relu_rule=relu_rule)
   shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
@@ -87,9 +95,10 @@ def test_pooled_nets_match_reference(name):
   check_against_reference(name)
 
 
-@pytest.mark.parametrize("polyphase", [False, True], ids=["xla_grad", "polyphase_grad"])
-@pytest.mark.parametrize("padding", ["symmetric", "tf_same"])
-@pytest.mark.parametrize("name", STRIDED)
+@pytest.mark.parametrize("name, padding, polyphase", [
+    slow_unless(padding == "symmetric", name, padding, polyphase)
+    for name in STRIDED for padding in ("symmetric", "tf_same") for polyphase in (False, True)],
+    ids=lambda v: {False: "xla_grad", True: "polyphase_grad"}.get(v, v))
 def test_strided_nets_match_reference(name, padding, polyphase):
   check_against_reference(name, padding=padding, polyphase=polyphase)
 
@@ -99,8 +108,9 @@ def test_cifar100_head_matches_reference(polyphase):
   check_against_reference("all_cnn_c", classes=100, polyphase=polyphase)
 
 
-@pytest.mark.parametrize("name, padding", [(n, "symmetric") for n in ALL]
-                         + [(n, "tf_same") for n in STRIDED])
+@pytest.mark.parametrize("name, padding", [
+    slow_unless((n, p) in (("all_cnn_c", "symmetric"), ("strided_cnn_a", "tf_same")), n, p)
+    for n, p in [(n, "symmetric") for n in ALL] + [(n, "tf_same") for n in STRIDED]])
 def test_onednn_convolutions_match_reference(name, padding):
   helpers.require_onednn()
   check_against_reference(name, padding=padding, onednn=True)
@@ -121,10 +131,10 @@ def test_the_two_paddings_are_different_functions(name):
 
 
 def test_default_config_pads_symmetrically():
-  from configs import default
-  config = default.get_config()
+  config = get_config()
   assert config.model.padding == "symmetric"
-  assert models.create_model(config.model, 10).options.padding == "symmetric"
+  model = models.create_model(config.model, 10, cpu.Convolutions())
+  assert model.options.padding == "symmetric"
 
 
 def reference_input_gradient(name: str, params64, images: np.ndarray, classes: np.ndarray,
@@ -133,8 +143,8 @@ def reference_input_gradient(name: str, params64, images: np.ndarray, classes: n
                             classes, "symmetric", rule)
 
 
-@pytest.mark.parametrize("rule", ["guided", "deconvnet"])
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name, rule", [slow_unless(name.endswith("_c"), name, rule)
+                                        for name in ALL for rule in ("guided", "deconvnet")])
 def test_backward_rules_input_gradient_matches_reference(name, rule):
   model, params, params64, images, _ = setup(name, relu_rule=rule, polyphase=name in STRIDED)
   classes = np.array([1, 8])
@@ -149,7 +159,7 @@ def test_backward_rules_input_gradient_matches_reference(name, rule):
 
 @pytest.mark.parametrize("rule", ["standard", "deconvnet", "guided"])
 def test_visualize_maps_match_reference(rule):
-  """The maps `python -m allconv_jax.visualize` draws are the reference's input gradients."""
+  """The maps `python -m allconv_jax.tools.visualize` draws are the reference's input gradients."""
   model, params, params64, images, _ = setup("all_cnn_c", relu_rule=rule, polyphase=True)
   classes = np.array([1, 8])
   ours = visualize.input_gradients(model, params, jnp.asarray(images),

@@ -1,9 +1,10 @@
-"""The results tools: backward rules, the learning-rate sweep, the report, the visualizations."""
+"""The results tools: backward rules, the learning-rate sweep, the report, the visualizations,
+evaluation. The tools are called in-process; the sweep's points are `python -m allconv_jax.launch`
+processes (what the sweep is), and one sweep runs as a program for its exit status."""
 
 import json
 import os
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,26 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from allconv_jax import (
-  cli,
-  config_lib,
-  evaluate,
-  input_pipeline,
-  models,
-  paper,
-  report,
-  sweep,
-  train,
-  transfer,
-  visualize,
-)
-from allconv_jax import workdir as wd
+from allconv_jax import checkpointing, cli, cpu, files, input_pipeline, models, paper, train
+from allconv_jax import config as config_lib
+from allconv_jax.data import preprocessing
 from allconv_jax.errors import UserError
-from tests import launcher
+from allconv_jax.tools import evaluate, invocations, plots, report, selection, sweep, visualize
+from tests import helpers
 from tests.helpers import ROOT, tiny_config, tiny_flags
 
 # One worker: shared sweep and runs; among the longest (scheduled first).
-pytestmark = [pytest.mark.xdist_group("results_tools"), pytest.mark.slow]
+pytestmark = [pytest.mark.xdist_group("results_tools")]
 
 ALL_CNN_C = os.path.join(ROOT, "configs", "all_cnn_c.py")
 
@@ -40,11 +31,11 @@ def sweep_flags(**overrides):
   return [f for f in tiny_flags(**overrides) if "optimizer.learning_rate" not in f]
 
 
-def run_module(module, *args, timeout=240):
-  """`python -m allconv_jax.<module> ARGS` from the repository root."""
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  return launcher.run([sys.executable, "-m", f"allconv_jax.{module}", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+def run_sweep(*args, **kwargs):
+  """sweep.run_sweep in this process; (summary, the lines it echoed)."""
+  lines = []
+  summary = sweep.run_sweep(*args, echo=lines.append, **kwargs)
+  return summary, "\n".join(lines)
 
 
 def assert_png(path):
@@ -54,13 +45,6 @@ def assert_png(path):
     img.verify()
   with Image.open(path) as img:
     assert img.size[0] > 50 and img.size[1] > 50
-
-
-def assert_one_line_error(proc, text):
-  assert proc.returncode != 0
-  assert "Traceback" not in proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], proc.stderr
 
 
 # ----------------------------------------------------------------------------- backward rules
@@ -115,7 +99,7 @@ def random_params(model, seed=0):
 
 def test_visualize_switches_the_rule_on_the_same_network():
   config = tiny_config()
-  model = models.create_model(config.model, 10)
+  model = models.create_model(config.model, 10, cpu.Convolutions())
   params = random_params(model)
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   by_rule = visualize.rule_models(model, config.model)
@@ -140,7 +124,7 @@ def test_visualize_switches_the_rule_on_the_same_network():
 
 def test_layer_names_follow_the_network_and_accept_both_spellings():
   config = tiny_config()
-  model = models.create_model(config.model, 10)
+  model = models.create_model(config.model, 10, cpu.Convolutions())
   params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
   paths = visualize.layer_paths(model, params)
   assert list(paths)[0] == "backbone/stage1_conv1" and list(paths)[-1] == "classifier"
@@ -156,11 +140,10 @@ def test_layer_names_follow_the_network_and_accept_both_spellings():
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-  """A real sweep over configs/all_cnn_c.py at one rate (tiny, 2 epochs), run as a program."""
+  """A real sweep over configs/all_cnn_c.py at one rate (tiny, 2 epochs): (root, summary,
+  output)."""
   root = str(tmp_path_factory.mktemp("sweep"))
-  proc = run_module("sweep", f"--configs={ALL_CNN_C}", "--learning_rates=0.05", f"--root={root}",
-                    *sweep_flags())
-  return root, proc
+  return root, *run_sweep([ALL_CNN_C], [0.05], root, sweep_flags())
 
 
 @pytest.fixture(scope="module")
@@ -175,39 +158,43 @@ def model_a_run(tmp_path_factory):
 # ----------------------------------------------------------------------------- sweep
 
 
+@pytest.mark.slow
 def test_sweep_trains_a_point_and_picks_its_rate(swept):
-  root, proc = swept
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+  root, summary, out = swept
   workdir = os.path.join(root, "all_cnn_c", "lr0.05")
   with open(os.path.join(workdir, "results.json")) as f:
     res = json.load(f)
   assert res["epochs"] == 2 and res["learning_rate"] == 0.05
-  assert "running main.py" in proc.stdout and "[all_cnn_c lr0.05] epoch 2" in proc.stdout
-  assert os.path.exists(os.path.join(workdir, "sweep.log"))
+  assert "running main.py" in out and "[all_cnn_c lr0.05] epoch 2" in out
+  with open(os.path.join(workdir, "sweep.log")) as f:
+    assert "epoch 2" in f.read()
+  with open(os.path.join(workdir, invocations.INVOCATIONS)) as f:
+    (record,) = [json.loads(line) for line in f]
+  assert record["returncode"] == 0 and " -m allconv_jax.launch --config=" in record["command"]
+  assert summary["points"][0]["status"] == "trained" and summary["failed"] == 0
   with open(os.path.join(root, "sweep.json")) as f:
-    summary = json.load(f)
-  assert summary["points"][0]["status"] == "trained"
+    assert json.load(f) == json.loads(json.dumps(summary))
   assert summary["winners"]["all_cnn_c"]["learning_rate"] == 0.05
   assert summary["winners"]["all_cnn_c"]["best_val_accuracy"] == res["best_val_accuracy"]
   with open(os.path.join(root, "sweep.md")) as f:
     text = f.read()
-  assert "| all_cnn_c |" in text and text.strip() in proc.stdout
+  assert "| all_cnn_c |" in text and text.strip() in out
 
 
+@pytest.mark.slow
 def test_sweep_skips_a_finished_run(swept):
-  root, first = swept
-  assert first.returncode == 0
+  root, first, _ = swept
+  assert first["points"][0]["status"] == "trained"
   metrics_path = os.path.join(root, "all_cnn_c", "lr0.05", "metrics.jsonl")
   with open(metrics_path) as f:
     before = f.read()
   mtime = os.path.getmtime(metrics_path)
-  proc = run_module("sweep", "--configs=all_cnn_c", "--learning_rates=0.05", f"--root={root}",
-                    *sweep_flags())
-  assert proc.returncode == 0, proc.stderr
-  assert "skipped, finished" in proc.stdout and "running main.py" not in proc.stdout
+  summary, out = run_sweep(["all_cnn_c"], [0.05], root, sweep_flags())  # a bare config name
+  assert "skipped, finished" in out and "running main.py" not in out
   with open(metrics_path) as f:
     assert f.read() == before
   assert os.path.getmtime(metrics_path) == mtime
+  assert summary["points"][0]["status"] == "skipped"
   with open(os.path.join(root, "sweep.json")) as f:
     assert json.load(f)["points"][0]["status"] == "skipped"
 
@@ -215,29 +202,33 @@ def test_sweep_skips_a_finished_run(swept):
 def fake_point(root, rate, best_val, final_val, test_acc, **config_changes):
   """A finished run's files for configs/all_cnn_c.py (tiny flags) at `rate`, without training."""
   config = cli.config_from_file(ALL_CNN_C, (f"--config.optimizer.learning_rate={rate}",
-                                         *sweep_flags()))
+                                            *sweep_flags()))
   saved = config_lib.to_json(config)
   for key, value in config_changes.items():
     section, name = key.split("__")
     saved[section][name] = value
-  workdir = os.path.join(root, "all_cnn_c", f"lr{sweep.rate_name(rate)}")
-  wd.write_json(os.path.join(workdir, "config.json"), saved)
-  wd.write_json(os.path.join(workdir, "results.json"), {
+  workdir = os.path.join(root, "all_cnn_c", f"lr{selection.rate_name(rate)}")
+  files.write_json(os.path.join(workdir, "config.json"), saved)
+  files.write_json(os.path.join(workdir, "results.json"), {
       "model": "all_cnn_c", "dataset": "cifar10", "epochs": config.num_epochs,
       "learning_rate": rate, "best_val_accuracy": best_val, "best_epoch": 2,
       "final_val_accuracy": final_val, "test_accuracy": test_acc, "test_loss": 1.0,
       "config": saved})
 
 
-def test_sweep_winner_on_validation_and_failed_points(tmp_path):
+@pytest.mark.slow
+def test_sweep_program_winner_on_validation_and_a_failed_point(tmp_path):
+  """The sweep as a program: three finished points are skipped, the fourth (another run in its
+  folder) fails in its main.py; the winner is chosen on validation, not test, accuracy; the
+  exit status is 1 with one error line."""
   root = str(tmp_path)
   fake_point(root, 0.25, 0.30, 0.30, 0.90)
   fake_point(root, 0.1, 0.60, 0.55, 0.20)  # best validation accuracy, worst test accuracy
   fake_point(root, 0.05, 0.50, 0.50, 0.95)
   fake_point(root, 0.01, 0.99, 0.99, 0.99, model__width_multiplier=0.5)  # another run: fails
-  proc = run_module("sweep", f"--configs={ALL_CNN_C}", "--learning_rates=0.25,0.1,0.05,0.01",
-                    f"--root={root}", *sweep_flags())
-  assert proc.returncode == 1
+  proc = helpers.run_tool("sweep", "--configs=all_cnn_c", "--learning_rates=0.25,0.1,0.05,0.01",
+                          f"--root={root}", *sweep_flags())
+  assert proc.returncode == 1, proc.stderr[-3000:]
   assert proc.stdout.count("skipped, finished") == 3
   assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 of 4 points failed")
   with open(os.path.join(root, "sweep.json")) as f:
@@ -257,7 +248,7 @@ def test_pick_winners_ties_and_unfinished():
     return {"network": net, "learning_rate": rate, "status": status, "best_val_accuracy": best,
             "final_val_accuracy": final}
 
-  winners = sweep.pick_winners([
+  winners = selection.pick_winners([
       rec("a", 0.25, "failed", None), rec("a", 0.1, "skipped", 0.7, 0.6),
       rec("a", 0.05, "trained", 0.7, 0.65), rec("a", 0.01, "trained", 0.7, 0.65),
       rec("b", 0.1, "failed", None), rec("c", 0.1, "trained", None)])
@@ -266,7 +257,7 @@ def test_pick_winners_ties_and_unfinished():
 
 
 def test_sweep_user_errors(tmp_path):
-  assert sweep.rate_name(0.05) == "0.05" and sweep.rate_name(1e-5) == "1e-05"
+  assert selection.rate_name(0.05) == "0.05" and selection.rate_name(1e-5) == "1e-05"
   with pytest.raises(UserError, match="twice"):
     sweep.parse_rates(["0.1", "0.10"])
   with pytest.raises(UserError, match="positive"):
@@ -279,20 +270,22 @@ def test_sweep_user_errors(tmp_path):
     sweep.plan(["configs/nope.py"], [0.1], str(tmp_path), [])
   with pytest.raises(UserError, match="num_epochs"):
     sweep.plan([ALL_CNN_C], [0.1], str(tmp_path), ["--config.num_epochs=0"])
-  proc = run_module("sweep", "--learning_rates=0.1", f"--root={tmp_path}")
-  assert_one_line_error(proc, "--configs is required")
-  assert not os.listdir(tmp_path)
+  (tmp_path / "file").write_text("")
+  with pytest.raises(UserError, match="exists and is not a folder"):
+    sweep.run_sweep([ALL_CNN_C], [0.1], str(tmp_path / "file"), sweep_flags())
+  assert os.listdir(tmp_path) == ["file"]  # nothing planned was written
 
 
 # ----------------------------------------------------------------------------- report
 
 
+@pytest.mark.slow
 def test_report_table_and_plots(swept, model_a_run, tmp_path):
-  sweep_root, _ = swept
+  sweep_root = swept[0]
   sweep_run = os.path.join(sweep_root, "all_cnn_c", "lr0.05")
   out = tmp_path / "report"
-  proc = run_module("report", f"--workdirs={sweep_run},{model_a_run}", f"--out={out}")
-  assert proc.returncode == 0, proc.stderr
+  path = report.write_report(report.load_runs([sweep_run, model_a_run]), str(out))
+  assert path == str(out / "results.md")
   text = (out / "results.md").read_text()
   lines = text.splitlines()
   header = next(line for line in lines if line.startswith("| Run |"))
@@ -308,6 +301,8 @@ def test_report_table_and_plots(swept, model_a_run, tmp_path):
                            f"{100 * res['best_val_accuracy']:.2f}"]
   assert cells[0][8] == f"{100 * (1 - res['test_accuracy']):.2f}"
   assert cells[0][9:] == ["—", "—"]  # synthetic data: no paper or course reference
+  for run in (sweep_run, model_a_run):  # each run's folder, relative to the report
+    assert f"`{os.path.relpath(run, out)}`" in text
   pngs = sorted(p.name for p in out.glob("*.png"))
   assert len(pngs) == 3 and report.COMPARISON_PNG in pngs
   for name in pngs:
@@ -318,8 +313,7 @@ def test_report_table_and_plots(swept, model_a_run, tmp_path):
 @pytest.mark.parametrize("n", [3, 14, 30, 90])
 def test_comparison_plot_of_many_runs_has_distinct_lines_and_a_legend_beside_the_axes(n):
   records = [{"epoch": e, "val_accuracy": 0.1 + 0.01 * e} for e in (1, 2, 3)]
-  runs = [report.Run(f"net/lr{i}", "", {"model": "net"}, records) for i in range(n)]
-  fig = report.comparison_figure(runs)
+  fig = plots.comparison_figure([(f"net/lr{i}", records) for i in range(n)])
   try:
     ax = fig.axes[0]
     styles = [(tuple(line.get_color()) if not isinstance(line.get_color(), str)
@@ -331,17 +325,18 @@ def test_comparison_plot_of_many_runs_has_distinct_lines_and_a_legend_beside_the
     assert legend.x0 >= axes.x1  # beside the axes: it hides no curve
     assert len(ax.get_legend().get_texts()) == n
   finally:
-    report.plt.close(fig)
+    plots.plt.close(fig)
 
 
+@pytest.mark.slow
 def test_report_finds_runs_below_a_root(swept, tmp_path):
-  sweep_root, _ = swept
+  sweep_root = swept[0]
   runs = report.find_runs(sweep_root)
   assert runs == [os.path.join(sweep_root, "all_cnn_c", "lr0.05")]
   assert report.labels_for(runs, sweep_root) == ["all_cnn_c/lr0.05"]
   assert report.plot_name("all_cnn_c/lr0.05") == "all_cnn_c__lr0.05.png"
-  proc = run_module("report", f"--root={tmp_path}", f"--out={tmp_path / 'out'}")
-  assert_one_line_error(proc, "no runs found")
+  with pytest.raises(UserError, match="^no runs found below "):
+    report.find_runs(str(tmp_path))
 
 
 def fake_results(model="all_cnn_c", dataset="cifar10", augment=False, source="tfds", **extra):
@@ -389,6 +384,7 @@ def test_paper_numbers_cover_the_twelve_networks():
 # ----------------------------------------------------------------------------- visualize
 
 
+@pytest.mark.slow
 def test_visualize_writes_png_grids(model_a_run, tmp_path):
   out = tmp_path / "vis"
   written = visualize.visualize(model_a_run, str(out), num_images=2,
@@ -407,11 +403,13 @@ def test_visualize_writes_png_grids(model_a_run, tmp_path):
     visualize.visualize(model_a_run, str(out), units=(1,))
 
 
-def test_visualize_cli_user_error(tmp_path):
-  proc = run_module("visualize", f"--workdir={tmp_path / 'nope'}", f"--out={tmp_path / 'out'}")
-  assert_one_line_error(proc, "does not exist")
+def test_visualize_of_a_missing_run_is_one_line(tmp_path):
+  with pytest.raises(UserError, match="nope does not exist$"):
+    visualize.visualize(str(tmp_path / "nope"), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_report_with_malformed_files_or_an_unwritable_out_is_one_line(model_a_run, tmp_path,
                                                                       monkeypatch, capsys):
   bad = tmp_path / "bad"
@@ -426,13 +424,14 @@ def test_report_with_malformed_files_or_an_unwritable_out_is_one_line(model_a_ru
   def refuse(*args, **kwargs):
     raise PermissionError(13, "Permission denied", str(tmp_path / "out" / "results.md"))
 
-  monkeypatch.setattr(report.wd, "write_text", refuse)
+  monkeypatch.setattr(report.files, "write_text", refuse)
   with pytest.raises(SystemExit) as e, cli.user_errors():
     report.write_report(report.load_runs([model_a_run]), str(tmp_path / "out"))
   err = capsys.readouterr().err.strip()
   assert e.value.code == 2 and err.startswith("error: Permission denied") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_test_accuracy_and_classifies_image_files(model_a_run, tmp_path,
                                                                           capsys):
   with open(os.path.join(model_a_run, "results.json")) as f:
@@ -443,7 +442,7 @@ def test_evaluate_reproduces_the_test_accuracy_and_classifies_image_files(model_
   assert counts.sum() == res["test_images"] and (tmp_path / "eval" / "confusion.png").exists()
   assert "accuracy" in capsys.readouterr().out
 
-  config, model, params = transfer.restore_run(model_a_run)
+  config, model, params = checkpointing.load_run(model_a_run)
   splits = input_pipeline.load_splits(config.data, config.seed)
   paths = []
   for i in range(2):
@@ -451,7 +450,7 @@ def test_evaluate_reproduces_the_test_accuracy_and_classifies_image_files(model_
     Image.fromarray(splits.test_images[i]).save(path)
     paths.append(path)
   ranked = evaluate.classify(model_a_run, "latest", paths)
-  stats = input_pipeline.load_preprocessing(os.path.join(model_a_run, "preprocessing.npz"))
+  stats = preprocessing.load_preprocessing(os.path.join(model_a_run, "preprocessing.npz"))
   direct = evaluate.probabilities(model, params, stats, splits.test_images[:2])
   for best, p in zip(ranked, direct, strict=True):
     assert len(best) == 3 and best[0][0] == splits.class_names[int(p.argmax())]
