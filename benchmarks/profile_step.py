@@ -26,6 +26,7 @@ import json
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any
@@ -45,8 +46,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The command's own flag (defined when run, so that tests can import this module); --config
-  and --repeats are the benchmark's (`allconv_jax.benchmark`, imported above)."""
+  """The benchmark's flags (--config, --repeats, ...) and this command's own."""
+  benchmark.define_flags()
   flags.DEFINE_integer("top", 15, "Convolutions listed (the slowest first).", lower_bound=1)
 
 
@@ -304,4 +305,4 @@ if __name__ == "__main__":
                              + " --xla_cpu_enable_xprof_traceme=true").strip()
   cli.program_help(__doc__)
   define_flags()
-  app.run(main, flags_parser=cli.parse_config_flags)
+  app.run(main, argv=cli.resolve_config_flag(sys.argv), flags_parser=cli.parse_config_flags)

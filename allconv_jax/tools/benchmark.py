@@ -17,6 +17,7 @@ import dataclasses
 import os
 import re
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -32,16 +33,22 @@ from allconv_jax.config import validate
 from allconv_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_integer("steps", 20, "Train steps in one timed chunk (one dispatch on GPU/TPU).",
-                     lower_bound=1)
-flags.DEFINE_integer("warmup", 1, "Untimed chunks (the first one compiles).", lower_bound=1)
-flags.DEFINE_integer("repeats", 3, "Timed chunks; the median is reported.", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Seed of the random data and parameters.")
-flags.DEFINE_float("torch_images_per_sec", None, "PyTorch's train images/s on this machine "
-                   "(benchmarks/torch_baseline.py's last line): prints our ratio to it.")
-flags.DEFINE_float("cpu_peak_gflops", None, "The CPU's float32 limit in GFLOP/s (default: "
-                   "cores x clock x FLOP/cycle of its widest FMA, from /proc/cpuinfo).")
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_integer("steps", 20, "Train steps in one timed chunk (one dispatch on GPU/TPU).",
+                       lower_bound=1)
+  flags.DEFINE_integer("warmup", 1, "Untimed chunks (the first one compiles).", lower_bound=1)
+  flags.DEFINE_integer("repeats", 3, "Timed chunks; the median is reported.", lower_bound=1)
+  flags.DEFINE_integer("seed", 0, "Seed of the random data and parameters.")
+  flags.DEFINE_float("torch_images_per_sec", None, "PyTorch's train images/s on this machine "
+                     "(benchmarks/torch_baseline.py's last line): prints our ratio to it.")
+  flags.DEFINE_float("cpu_peak_gflops", None, "The CPU's float32 limit in GFLOP/s (default: "
+                     "cores x clock x FLOP/cycle of its widest FMA, from /proc/cpuinfo).")
+
 
 # Nominal dense peaks in TFLOP/s (vendor data sheets, no sparsity) by device_kind substring,
 # most specific first: (bf16 tensor, tf32 tensor, fp32 non-tensor).
@@ -268,8 +275,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """The program (also the `allconv-benchmark` command)."""
+  define_flags()
   cli.program_help(__doc__)
-  app.run(main, flags_parser=cli.parse_config_flags)
+  app.run(main, argv=cli.resolve_config_flag(sys.argv), flags_parser=cli.parse_config_flags)
 
 
 if __name__ == "__main__":
