@@ -96,8 +96,10 @@ def quiet_orbax_echoes() -> Iterator[None]:
   logging.set_verbosity(logging.FATAL)  # orbax's own error lines for the same failure
   try:
     yield
+  except BaseException:
+    gc.collect()  # a failure's dead tasks echo as they are collected: while the hooks catch it
+    raise
   finally:
-    gc.collect()
     sys.excepthook, sys.unraisablehook, threading.excepthook, verbosity = saved
     logging.set_verbosity(verbosity)
 

@@ -27,6 +27,11 @@ MAX_STEP = 2**31 - 1  # optax counts steps in int32
 def check_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
   """UserError where the schedule cannot be what the config says at this many steps per epoch:
   two boundaries on the same step (a decay would be lost), or a step beyond int32."""
+  for key, epochs in (("boundaries", max(opt.boundaries, default=0)),
+                      ("warmup_epochs", opt.warmup_epochs)):
+    if epochs * steps_per_epoch > MAX_STEP:
+      raise UserError(f"optimizer.{key} ({epochs:g} epochs) is beyond the last step a schedule "
+                      f"can count ({MAX_STEP:,} at {steps_per_epoch} steps per epoch)")
   bounds = list(opt.boundaries)
   for a, b in zip(bounds, bounds[1:], strict=False):
     if round(a * steps_per_epoch) == round(b * steps_per_epoch):
@@ -34,11 +39,6 @@ def check_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int) -> None
                       f"({round(a * steps_per_epoch)}) at "
                       f"{steps_per_epoch} steps per epoch, so one decay would be lost; space "
                       "them further apart")
-  for key, epochs in (("boundaries", max(opt.boundaries, default=0)),
-                      ("warmup_epochs", opt.warmup_epochs)):
-    if epochs * steps_per_epoch > MAX_STEP:
-      raise UserError(f"optimizer.{key} ({epochs:g} epochs) is beyond the last step a schedule "
-                      f"can count ({MAX_STEP:,} at {steps_per_epoch} steps per epoch)")
 
 
 def make_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:

@@ -7,8 +7,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from allconv_jax import cli, config_lib, input_pipeline, optim, paper
-from tests.helpers import ROOT
+from allconv_jax import cli, input_pipeline, optim, paper
+from allconv_jax import config as config_lib
+from allconv_jax.errors import UserError
+from tests.helpers import ROOT, run_main
 
 
 def load(spec: str):
@@ -95,3 +97,33 @@ def test_a_mistyped_key_gets_a_did_you_mean():
   assert config_lib.did_you_mean("zzz", ["seed"]) == ""
   assert "did you mean 'model.width_multiplier'" in cli.unknown_override(
       ["--config.model.width_multiplyer=0.5"])
+
+
+# ----------------------------------------------------------------------------- naming a config
+
+
+def test_a_config_is_named_by_path_or_bare_name_from_any_folder(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # not the repository
+  want = os.path.join(ROOT, "configs", "all_cnn_c.py")
+  for spec in ("all_cnn_c", "all_cnn_c.py", "configs/all_cnn_c.py", want):
+    assert cli.resolve_config(spec) == want, spec
+  assert cli.resolve_config("recipe_course:all_cnn_c") == (
+      os.path.join(ROOT, "configs", "recipe_course.py") + ":all_cnn_c")
+  (tmp_path / "all_cnn_c.py").write_text("from configs.all_cnn_c import get_config\n")
+  assert cli.resolve_config("all_cnn_c.py") == str(tmp_path / "all_cnn_c.py")  # here first
+  config = cli.config_from_file("model_c", ["--config.num_epochs=3"])
+  assert (config.model.name, config.num_epochs) == ("model_c", 3)
+  with pytest.raises(UserError) as e:
+    cli.resolve_config("all_cnn_z")
+  assert str(e.value) == (f"config file all_cnn_z not found (a path, or a name in "
+                          f"{os.path.join(ROOT, 'configs')}, e.g. all_cnn_c)")
+  assert cli.resolve_config_flag(["main.py", "--config=all_cnn_z", "--config", "model_c"]) == [
+      "main.py", "--config=all_cnn_z", "--config", os.path.join(ROOT, "configs", "model_c.py")]
+
+
+def test_main_takes_a_bare_config_name_from_another_folder(tmp_path):
+  r = run_main("--config=all_cnn_c", "--summary", "--config.model.width_multiplier=0.5",
+               cwd=str(tmp_path))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "AllConvNet Summary" in r.stdout
+  assert r.stdout.strip().splitlines()[-1] == "total parameters: 343,882"  # width x0.5

@@ -17,10 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from allconv_jax import steps, train
-from allconv_jax import workdir as wd
-from tests import launcher
-from tests.helpers import ROOT, metrics, run_main, tiny_config, tiny_flags, untimed
+from allconv_jax import cpu, files, train
+from tests.helpers import ROOT, metrics, run, run_main, tiny_config, tiny_flags, untimed
 
 # One worker: its runs share one module fixture; among the longest (scheduled first).
 pytestmark = [pytest.mark.xdist_group("parallel"), pytest.mark.slow]
@@ -34,14 +32,13 @@ RESULT_KEYS = ("test_loss", "test_accuracy", "final_val_accuracy", "best_val_acc
 SCRIPT = """
 import json, sys
 import jax
-from allconv_jax import steps, train
-from allconv_jax import workdir as wd
+from allconv_jax import cpu, files, train
 from tests.helpers import tiny_config
 for arg in sys.argv[1:]:
   workdir, mode = arg.rsplit("=", 1)
-  steps.use_scan = lambda: mode == "scan"
+  cpu.scan_steps = lambda: mode == "scan"  # read by steps.make_steps and train's loop
   results = train.train_and_evaluate(tiny_config(), workdir)
-  records = wd.read_metrics(workdir + "/metrics.jsonl")
+  records = files.read_metrics(workdir + "/metrics.jsonl")
   print("RESULT " + json.dumps({"mode": mode, "device_count": jax.device_count(),
                                 "results": results, "records": records}))
 """
@@ -54,15 +51,14 @@ def run_tiny(devices: int, *runs: tuple[str, str]) -> dict[str, dict]:
   flags = os.environ.get("XLA_FLAGS", "")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
          "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
-  proc = launcher.run([sys.executable, "-c", SCRIPT, *(f"{w}={m}" for w, m in runs)],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  proc = run([sys.executable, "-c", SCRIPT, *(f"{w}={m}" for w, m in runs)], env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = {}
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
-      run = json.loads(line.removeprefix("RESULT "))
-      run["records"] = untimed(run["records"])
-      out[run["mode"]] = run
+      record = json.loads(line.removeprefix("RESULT "))
+      record["records"] = untimed(record["records"])
+      out[record["mode"]] = record
   assert sorted(out) == sorted(m for _, m in runs), proc.stdout[-3000:]
   return out
 
@@ -79,7 +75,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
 def run_here(workdir: str) -> dict:
   """The tiny run on this process's one CPU device (XLA:CPU's loop), as run_tiny returns it."""
-  assert jax.device_count() == 1 and not steps.use_scan()
+  assert jax.device_count() == 1 and not cpu.scan_steps()
   config = tiny_config()
   config.model.conv_impl = "xla"  # as 'auto' is on several devices: the same convolutions
   train.train_and_evaluate(config, workdir)
@@ -106,6 +102,9 @@ def test_four_devices_were_used(runs: dict[str, dict]) -> None:
   for name in ("4 loop", "4 scan"):
     assert runs[name]["device_count"] == 4
     assert runs[name]["results"]["devices"].startswith("4 x ")
+    convs = runs[name]["results"]["convolutions"]  # model.conv_impl=auto
+    assert (convs["backend"], convs["reason"]) == (
+        "xla", "model.conv_impl=auto: 4 devices, and oneDNN runs on one"), convs
 
 
 @pytest.mark.parametrize("name", ["4 loop", "4 scan"])
@@ -129,7 +128,7 @@ def run_two_processes(workdir: str, *flags: str) -> None:
   # library calls, and the numbers must still equal the one-device run's below.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
          "XLA_FLAGS": "--xla_backend_optimization_level=0"}
-  procs = [launcher.popen(
+  procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/all_cnn_c.py",
        f"--workdir={workdir}", *tiny_flags(), *flags, "--distributed",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
@@ -147,7 +146,7 @@ def run_two_processes(workdir: str, *flags: str) -> None:
 def read_run(workdir: str) -> dict:
   """A finished run's untimed metrics records and its results.json."""
   return {"records": metrics(workdir),
-          "results": wd.read_json(os.path.join(workdir, "results.json"))}
+          "results": files.read_json(os.path.join(workdir, "results.json"))}
 
 
 def test_two_processes_match_one_device_and_resume(runs: dict[str, dict], tmp_path) -> None:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import subprocess
 import sys
 
 import jax
@@ -12,15 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-from allconv_jax import cli, config_lib, optim, train
-from allconv_jax import workdir as wd
+from allconv_jax import cli, cpu, files, optim, train
+from allconv_jax import config as config_lib
 from allconv_jax.errors import UserError
-from tests import launcher
 from tests.cifar_fixtures import make_cifar10
 from tests.helpers import ROOT, metrics, run_main, tiny_config, tiny_flags
 
 RECORD_KEYS = {"epoch", "step", "learning_rate", "train_loss", "train_accuracy", "val_loss",
-               "val_accuracy", "images_per_sec", "elapsed_sec"}
+               "val_accuracy", "images_per_sec", "elapsed_sec", "convolutions"}
 
 
 def results(workdir):
@@ -28,16 +28,21 @@ def results(workdir):
     return json.load(f)
 
 
+def here() -> cpu.Convolutions:
+  """The convolutions a tiny_config() run gets on this machine (model.conv_impl=auto)."""
+  return cpu.choose("auto", "auto", "float32")
+
+
 @pytest.fixture
 def straight_run(trained_run):
   """A straight 2-epoch tiny run, tiny_config() (shared by several tests: read only)."""
   workdir = trained_run(2)
-  return workdir, wd.read_results(workdir)
+  return workdir, files.read_results(workdir)
 
 
 def test_end_to_end_synthetic(straight_run):
   workdir, out = straight_run
-  records = wd.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  records = files.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   assert [r["epoch"] for r in records] == [1, 2]
   assert all(set(r) == RECORD_KEYS for r in records)
   assert records[-1]["step"] == 2 * (256 // 32)
@@ -53,6 +58,11 @@ def test_end_to_end_synthetic(straight_run):
   assert 0.0 <= res["test_accuracy"] <= 1.0 and math.isfinite(res["test_loss"])
   assert res["best_val_accuracy"] == max(r["val_accuracy"] for r in records)
   assert res["config"]["model"]["width_multiplier"] == 0.05
+  convs = here()
+  assert [r["convolutions"] for r in records] == [convs.name] * 2
+  assert res["convolutions"] == {"backend": convs.backend, "strided_grad": "polyphase",
+                                 "dtype": "float32", "reason": convs.reason,
+                                 "epochs_by_backend": {convs.name: 2}}
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "8"]
   assert os.path.exists(os.path.join(workdir, "preprocessing.npz"))
 
@@ -76,36 +86,50 @@ def test_finished_run_is_reported_not_retrained(straight_run, capsys):
   assert "is finished" in capsys.readouterr().out
 
 
-def test_stop_after_epoch_one_then_resume_matches_straight_run(straight_run, finished_run):
+def test_stop_after_epoch_one_then_resume_matches_straight_run(straight_run, finished_run,
+                                                              capsys):
   workdir, out = straight_run
   stopped = finished_run(1)  # a 1-epoch run (tiny_config(num_epochs=1)), copied
   assert [r["epoch"] for r in metrics(stopped)] == [1]
   resumed = train.train_and_evaluate(tiny_config(num_epochs=2), stopped)
+  log = capsys.readouterr().out
+  assert "extending the finished 1-epoch run to 2 epochs" in log
+  assert "resuming with changed settings: num_epochs\n" in log
+  assert "resuming with changed settings: convolutions" not in log  # the same backend
   assert metrics(stopped) == metrics(workdir)
   assert resumed["test_loss"] == out["test_loss"]
   assert resumed["test_accuracy"] == out["test_accuracy"]
 
 
-def test_same_seed_same_metrics_other_seed_differs(trained_run, tmp_path):
+def test_same_seed_same_metrics_other_seed_differs(trained_run, tmp_path, capsys):
   workdir = trained_run(1)  # tiny_config(num_epochs=1), seed 0
   train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path / "a"))
   assert metrics(str(tmp_path / "a")) == metrics(workdir)
+  progress = [line for line in capsys.readouterr().out.splitlines() if "images/s, ETA" in line]
+  assert [line.split(": loss")[0] for line in progress] == ["epoch 1/1 step 4/8",
+                                                            "epoch 1/1 step 8/8"]
+  # the first chunk compiled the step: no time left from it; the next one has an h:mm
+  assert progress[0].endswith("ETA -:-- (this chunk compiled the step)"), progress[0]
+  assert progress[1].split("ETA ")[1] == "0:00", progress[1]  # the last step: none left
   train.train_and_evaluate(tiny_config(num_epochs=1, seed=1), str(tmp_path / "b"))
   assert metrics(str(tmp_path / "b")) != metrics(workdir)
 
 
-def test_end_to_end_official_files_through_main(tmp_path):
+def test_end_to_end_official_files_from_a_config_file(tmp_path, capsys):
+  """configs/model_a.py with main.py's overrides (read as main.py reads them) on a folder of
+  the official binary files."""
   data = tmp_path / "data"
   make_cifar10(data, "binary", n_train=300, n_test=50)
   workdir = tmp_path / "run"
-  r = run_main("--config=configs/model_a.py", f"--workdir={workdir}",
-               *tiny_flags(model__name="model_a", data__source="local", data__dir=str(data),
-                           data__max_train_examples=0, data__max_test_examples=0,
-                           num_epochs=1))
-  assert r.returncode == 0, r.stderr[-2000:]
-  res = results(workdir)
-  assert res["train_images"] == 300 - 64 and res["test_images"] == 50
-  assert "test loss" in r.stdout and "images/s" in r.stdout
+  config = cli.config_from_file(
+      "configs/model_a.py", tiny_flags(model__name="model_a", data__source="local",
+                                       data__dir=str(data), data__max_train_examples=0,
+                                       data__max_test_examples=0, num_epochs=1))
+  out = train.train_and_evaluate(config, str(workdir))
+  assert out == results(workdir) and out["model"] == "model_a"
+  assert out["train_images"] == 300 - 64 and out["test_images"] == 50
+  log = capsys.readouterr().out
+  assert "test loss" in log and "images/s" in log
 
 
 def test_schedule_steps_down_at_the_boundaries():
@@ -126,6 +150,25 @@ def test_warmup_rises_linearly_then_joins_the_schedule():
   schedule = optim.make_schedule(config.optimizer, steps_per_epoch=10)
   got = [float(schedule(s)) for s in (0, 4, 9, 10, 29, 30)]
   np.testing.assert_allclose(got, [0.01, 0.05, 0.1, 0.1, 0.1, 0.01], rtol=1e-5)
+
+
+@pytest.mark.parametrize("boundaries, warmup, message", [
+    ((1.0, 1.05), 0.0, "optimizer.boundaries 1 and 1.05 fall on the same step (8) at 8 steps "
+                       "per epoch"),
+    ((1e300,), 0.0, "optimizer.boundaries (1e+300 epochs) is beyond the last step"),
+    ((200,), 1e9, "optimizer.warmup_epochs (1e+09 epochs) is beyond the last step"),
+    ((1e308, 1.5e308), 0.0, "optimizer.boundaries (1.5e+308 epochs) is beyond"),
+])
+def test_a_schedule_that_cannot_be_counted_is_one_line_before_any_compute(tmp_path, boundaries,
+                                                                          warmup, message):
+  """Valid numbers (validate passes them) that the schedule cannot honour at this run's steps
+  per epoch (8): a lost decay, or steps beyond int32 (no OverflowError)."""
+  config = tiny_config(optimizer__boundaries=boundaries, optimizer__warmup_epochs=warmup)
+  config_lib.validate(config)
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert message in str(e.value) and "\n" not in str(e.value), e.value
+  assert not (tmp_path / "run").exists()
 
 
 def test_sgd_is_pytorch_style_coupled_weight_decay_with_momentum():
@@ -178,6 +221,7 @@ def test_bad_config_is_one_line(flag, message):
   assert message in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, message", [  # a flag that does not parse; a value out of range
     ("--config.num_epochs=ten", "--config.num_epochs=ten"),
     ("--config.optimizer.learning_rate=0.0", "'optimizer.learning_rate' must be > 0"),
@@ -234,7 +278,9 @@ def test_per_segment_rates_and_fractional_boundaries():
     ("model.padding", "same", "'model.padding' must be one of symmetric, tf_same"),
     ("model.kernel_init", "xavier", "caffe_xavier"),
     ("model.init_std", 0.0, "'model.init_std' must be > 0"),
-    ("optimizer.boundaries", (200, -1), "must be positive epochs"),
+    ("optimizer.boundaries", (200, -1), "must be positive finite epochs"),
+    ("optimizer.boundaries", (200, math.inf), "must be positive finite epochs"),
+    ("optimizer.warmup_epochs", math.inf, "must be a finite number >= 0"),
 ])
 def test_fidelity_keys_are_checked(key, value, message):
   config = tiny_config(optimizer__learning_rate=0.1, optimizer__boundaries=(200, 250, 300))
@@ -245,10 +291,9 @@ def test_fidelity_keys_are_checked(key, value, message):
   assert message in str(e.value)
 
 
-def test_console_wording():
-  assert [train.plural(n, "epoch") for n in (1, 2)] == ["1 epoch", "2 epochs"]
-  assert [train.hours_minutes(s) for s in (0, 59, 3600, 3661, 36000)] == [
-      "0:00", "0:01", "1:00", "1:02", "10:00"]
+def test_time_left_is_hours_and_minutes_rounded_up():
+  assert [train.eta(s) for s in (-5, 0, 59, 3600, 3661, 36000)] == [
+      "0:00", "0:00", "0:01", "1:00", "1:02", "10:00"]
 
 
 def test_an_extended_run_keeps_its_rate_history_and_cannot_shrink(finished_run):
@@ -259,6 +304,25 @@ def test_an_extended_run_keeps_its_rate_history_and_cannot_shrink(finished_run):
                             {"epochs": 2, "learning_rate": 0.02}]
   with pytest.raises(UserError, match="finished 2-epoch run, more than num_epochs=1"):
     train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+
+
+def test_a_resume_on_other_convolutions_is_logged_and_counted(finished_run, capsys):
+  """A run resumed where other code runs its convolutions (another machine, oneDNN missing):
+  the log says so, and results.json counts the epochs each backend trained."""
+  workdir = finished_run()
+  now = here().name
+  before = "xla" if now != "xla" else "onednn+polyphase"
+  path = files.path(workdir, files.METRICS)
+  records = files.read_metrics(path)
+  assert records[-1]["convolutions"] == now
+  records[-1]["convolutions"] = before  # as if epoch 1 had run on the other backend
+  files.write_metrics(path, records)
+  out = train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
+  log = capsys.readouterr().out
+  assert f"resuming with changed settings: convolutions {before} -> {now} ({here().reason})" \
+      in log, log
+  assert out["convolutions"]["epochs_by_backend"] == {before: 1, now: 1}
+  assert [r["convolutions"] for r in files.read_metrics(path)] == [before, now]
 
 
 def test_tensorboard_gets_step_and_epoch_scalars(tmp_path, monkeypatch):
@@ -274,7 +338,7 @@ def test_tensorboard_gets_step_and_epoch_scalars(tmp_path, monkeypatch):
     def close(self):
       pass
 
-  monkeypatch.setattr(train.wd, "TensorBoard", Recorder)
+  monkeypatch.setattr(train.metrics, "TensorBoard", Recorder)
   train.train_and_evaluate(tiny_config(num_epochs=1, tensorboard=True), str(tmp_path))
   per_step = [s for s, x in written if "running_train_loss" in x]
   per_epoch = [s for s, x in written if "val_accuracy" in x]
@@ -284,7 +348,7 @@ def test_tensorboard_gets_step_and_epoch_scalars(tmp_path, monkeypatch):
 def test_outputs_follow_the_umask(tmp_path):
   old = os.umask(0o022)
   try:
-    wd.write_json(str(tmp_path / "a.json"), {"x": 1})
+    files.write_json(str(tmp_path / "a.json"), {"x": 1})
   finally:
     os.umask(old)
   assert (os.stat(tmp_path / "a.json").st_mode & 0o777) == 0o644  # not mkstemp's 0600
@@ -297,13 +361,15 @@ def test_metrics_record_the_scheduled_rate_without_float32_noise(tmp_path):
   assert rates == [0.003, 0.0003]  # float32 would give 0.003000000026077032, 0.00030000001
 
 
+@pytest.mark.slow
 def test_runs_on_the_same_images_share_one_statistics_file(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("ALLCONV_CACHE_DIR", str(tmp_path / "shared"))  # none shared yet
   train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path / "a"))
-  assert "fitted meanstd preprocessing statistics" in capsys.readouterr().out
+  assert "fitted the meanstd preprocessing statistics" in capsys.readouterr().out
   out = train.train_and_evaluate(tiny_config(num_epochs=1, seed=0, optimizer__learning_rate=0.02),
                                  str(tmp_path / "b"))
-  assert "shared the meanstd preprocessing statistics" in capsys.readouterr().out
+  assert ("shared the meanstd preprocessing statistics of an earlier run on the same images"
+          in capsys.readouterr().out)
   a, b = (os.stat(tmp_path / n / "preprocessing.npz") for n in ("a", "b"))
   assert (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)  # one file, not a copy per run
   train.train_and_evaluate(tiny_config(num_epochs=1, seed=1), str(tmp_path / "c"))
@@ -314,39 +380,11 @@ def test_runs_on_the_same_images_share_one_statistics_file(tmp_path, capsys, mon
 @pytest.mark.slow
 def test_the_tensorboard_writer_puts_no_tensorflow_lines_on_stderr(tmp_path):
   env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
-  code = ("import sys; from allconv_jax import workdir as wd; "
-          "t = wd.TensorBoard(sys.argv[1], True); assert t.writer is not None; "
+  code = ("import sys; from allconv_jax import metrics; "
+          "t = metrics.TensorBoard(sys.argv[1], True); assert t.writer is not None; "
           "t.write(1, {'x': 1.0}); t.close()")
-  done = launcher.run([sys.executable, "-c", code, str(tmp_path)], env=env,
-                        capture_output=True, text=True, timeout=120)
+  done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120, check=False)
   assert done.returncode == 0, done.stderr
   assert done.stderr == ""  # not "oneDNN custom operations are on" (TF 2.21)
   assert os.listdir(tmp_path / "tensorboard")
-
-
-def test_runs_of_one_config_in_a_process_share_their_jitted_steps(monkeypatch):
-  """steps.StepsCache: the same config (and model, data sizes, devices) gets the same jitted
-  functions back; any config change, another device layout or the scan path builds new ones;
-  the oldest entry goes first."""
-  from allconv_jax import mesh as mesh_lib
-  from allconv_jax import models, steps
-
-  built = []
-  monkeypatch.setattr(steps, "make_steps", lambda *args: built.append(args) or object())
-  cache = steps.StepsCache(size=2)
-  mesh = mesh_lib.make_mesh()
-  model = models.create_model(tiny_config().model, 10)
-
-  def get(config, **kw):
-    args = dict(model=model, tx=optax.sgd(0.1), mesh=mesh, config=config, num_train=256,
-                steps_per_epoch=8)
-    return cache.get(**{**args, **kw})
-
-  first = get(tiny_config())
-  assert get(tiny_config()) is first and len(built) == 1  # a new tx, the same config: reused
-  assert get(tiny_config(optimizer__weight_decay=0.0)) is not first  # config changed
-  assert get(tiny_config(), model=models.create_model(tiny_config().model, 100)) is not first
-  assert len(built) == 3 and len(cache.entries) == 2  # the first entry was evicted
-  monkeypatch.setattr(steps, "use_scan", lambda: True)
-  get(tiny_config(optimizer__weight_decay=0.0))
-  assert len(built) == 4

@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from allconv_jax import input_pipeline, models, transfer
+from allconv_jax import checkpointing, cli, cpu, files, input_pipeline, models, transfer
 from allconv_jax import train as train_lib
-from allconv_jax import workdir as wd
+from allconv_jax.data import preprocessing
 from allconv_jax.errors import UserError
 from configs import scratch_subset, transfer_step1, transfer_step2
-from tests.helpers import run_main, tiny_config, tiny_flags
+from tests.helpers import tiny_config, tiny_flags
 
 # One worker: its tests share the transfer runs; among the longest (scheduled first).
 pytestmark = [pytest.mark.xdist_group("transfer"), pytest.mark.slow]
@@ -21,6 +21,12 @@ pytestmark = [pytest.mark.xdist_group("transfer"), pytest.mark.slow]
 
 def leaves(tree):
   return jax.tree_util.tree_leaves_with_path(tree)
+
+
+def params(workdir, which="latest"):
+  """(config, params) of a run's checkpoint."""
+  config, tree, _ = checkpointing.load_checkpoint(workdir, which)
+  return config, tree
 
 
 def subset_config(**kw):
@@ -44,13 +50,13 @@ def runs(tmp_path_factory, trained_run):
 
 def test_step1_keeps_the_backbone_bit_identical_and_trains_the_class_layer(runs):
   source, step1, _ = runs
-  _, src = transfer.load_run_params(source)
-  config, got = transfer.load_run_params(step1)
+  _, src = params(source)
+  config, got = params(step1)
   assert set(got) == {"backbone", "classifier"}
   for (path, a), (_, b) in zip(leaves(src["backbone"]), leaves(got["backbone"]), strict=True):
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), path
   assert got["classifier"]["kernel"].shape == (1, 1, 10, 10)
-  fresh = models.init_params(models.create_model(config.model, 10),
+  fresh = models.init_params(models.create_model(config.model, 10, cpu.Convolutions()),
                              jax.random.fold_in(jax.random.key(config.seed), 0))
   for (path, a), (_, b) in zip(leaves(fresh["classifier"]), leaves(got["classifier"]),
                                strict=True):
@@ -59,8 +65,8 @@ def test_step1_keeps_the_backbone_bit_identical_and_trains_the_class_layer(runs)
 
 def test_step2_changes_every_parameter(runs):
   _, step1, step2 = runs
-  _, before = transfer.load_run_params(step1)
-  _, after = transfer.load_run_params(step2)
+  _, before = params(step1)
+  _, after = params(step2)
   for (path, a), (_, b) in zip(leaves(before), leaves(after), strict=True):
     changed = np.mean(np.asarray(a) != np.asarray(b))
     assert changed > 0.9, (path, changed)
@@ -68,9 +74,9 @@ def test_step2_changes_every_parameter(runs):
 
 def test_transfer_reuses_the_source_preprocessing_and_records_the_source(runs):
   source, step1, step2 = runs
-  src = input_pipeline.load_preprocessing(os.path.join(source, "preprocessing.npz"))
+  src = preprocessing.load_preprocessing(os.path.join(source, "preprocessing.npz"))
   for run in (step1, step2):
-    got = input_pipeline.load_preprocessing(os.path.join(run, "preprocessing.npz"))
+    got = preprocessing.load_preprocessing(os.path.join(run, "preprocessing.npz"))
     assert src.keys() == got.keys()
     assert all(np.array_equal(src[k], got[k]) for k in src)
   with open(os.path.join(step1, "results.json")) as f:
@@ -85,15 +91,15 @@ def test_step1_from_best_checkpoint(runs, tmp_path):
   _, _, step2 = runs
   source = tmp_path / "source"
   shutil.copytree(step2, source)
-  first, last = wd.checkpoint_steps(str(source))[0], wd.checkpoint_steps(str(source))[-1]
-  wd.write_json(str(source / wd.BEST), {"epoch": 1, "val_accuracy": 0.5, "step": first})
+  first, last = files.checkpoint_steps(str(source))[0], files.checkpoint_steps(str(source))[-1]
+  files.write_json(str(source / files.BEST), {"epoch": 1, "val_accuracy": 0.5, "step": first})
   out = train_lib.train_and_evaluate(
       subset_config(num_epochs=1, transfer__source=str(source), transfer__checkpoint="best",
                     optimizer__freeze="backbone/"), str(tmp_path / "run"))
   assert out["transfer_source"] == str(source)
-  _, got = transfer.load_run_params(str(tmp_path / "run"))
-  _, best = transfer.load_run_params(str(source), "best")
-  _, latest = transfer.load_run_params(str(source), "latest")
+  _, got = params(str(tmp_path / "run"))
+  _, best = params(str(source), "best")
+  _, latest = params(str(source), "latest")
   assert first != last
   for (path, a), (_, b), (_, c) in zip(leaves(got["backbone"]), leaves(best["backbone"]),
                                        leaves(latest["backbone"]), strict=True):
@@ -124,14 +130,16 @@ def test_source_errors(runs, tmp_path):
     transfer.check_source(subset_config(transfer__source=str(nockpt)))
 
 
-def test_wrong_source_through_main_is_one_line(runs, tmp_path):
+def test_a_wrong_source_is_one_line_before_any_compute(runs, tmp_path):
+  """configs/transfer_step1.py with main.py's overrides, on a source of another network."""
   source, _, _ = runs
-  r = run_main("--config=configs/transfer_step1.py", f"--workdir={tmp_path / 'w'}",
-               *tiny_flags(model__name="model_a", transfer__source=source,
-                           data__dataset="cifar100", data__subset="class1"))
-  assert r.returncode != 0
-  lines = r.stderr.strip().splitlines()
-  assert len(lines) == 1 and "holds an all_cnn_c of width x0.05" in lines[0], r.stderr
+  config = cli.config_from_file("configs/transfer_step1.py", tiny_flags(
+      model__name="model_a", transfer__source=source, data__dataset="cifar100",
+      data__subset="class1"))
+  with pytest.raises(UserError) as e:
+    train_lib.train_and_evaluate(config, str(tmp_path / "w"))
+  assert "holds an all_cnn_c of width x0.05; this config builds a model_a" in str(e.value)
+  assert "\n" not in str(e.value)
   assert not (tmp_path / "w").exists()
 
 
@@ -158,7 +166,7 @@ def test_source_padding_and_biases_must_match(runs, tmp_path):
   saved = json.load(open(os.path.join(source, "config.json")))
   del saved["model"]["padding"], saved["model"]["use_bias"]
   (legacy / "config.json").write_text(json.dumps(saved))
-  assert transfer.read_run_config(str(legacy)).model.padding == "tf_same"
+  assert checkpointing.read_run_config(str(legacy)).model.padding == "tf_same"
   with pytest.raises(UserError, match="trained with model.padding=tf_same"):
     transfer.check_source(subset_config(transfer__source=str(legacy)))
 
@@ -177,9 +185,10 @@ def test_step1_says_what_it_restored_and_froze(runs, tmp_path, capsys):
       subset_config(num_epochs=1, transfer__source=source, optimizer__freeze="backbone/"),
       str(tmp_path))
   out = capsys.readouterr().out
-  steps = wd.checkpoint_steps(source)
+  steps = files.checkpoint_steps(source)
   assert (f"transfer: restored the latest checkpoint of {source} (step {steps[-1]}): a new class "
           "layer; 16 arrays frozen, 2 trained") in out  # 8 backbone convs, kernel and bias each
+  assert f"reused the meanstd preprocessing statistics of {source}\n" in out
 
 
 def test_a_transfer_step_takes_the_source_model_settings_it_leaves_at_default(runs, tmp_path,
