@@ -1,8 +1,8 @@
 """PyTorch reference for allconv_jax.tools.benchmark: All-CNN-C train steps on random data.
 
-Not a project dependency; kept for reproducing the comparison in the README ("Speed and
-benchmarks") and as the anchor of benchmarks/accelerator.py on a GPU. Needs only torch and
-numpy, e.g. in a throwaway venv:
+Not a project dependency; kept for reproducing the comparison in docs/performance.md and as
+the anchor of benchmarks/accelerator.py on a GPU. Needs only torch and numpy, e.g. in a
+throwaway venv:
 
   python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch numpy
   /tmp/torchvenv/bin/python benchmarks/torch_baseline.py --steps=20

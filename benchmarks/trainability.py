@@ -5,7 +5,7 @@
       --learning_rates=0.25,0.1,0.05,0.01 -- --config.data.source=local \
       --config.data.dir=/tmp/cifar --config.num_epochs=4 --config.data.max_train_examples=10000
 
-Each (init, biases) pair is one `python -m allconv_jax.sweep` over the rates, in
+Each (init, biases) pair is one `python -m allconv_jax.tools.sweep` over the rates, in
 ROOT/w<width>/<init>_bias-<on|off>/ (finished points are skipped, so the command resumes). Then
 ROOT/w<width>/trainability.md gets one row per point: validation accuracy per epoch, test
 accuracy, wall seconds and a verdict (see `verdict`). Dead runs list their layers' fractions of
@@ -91,7 +91,7 @@ def main() -> None:
     for bias in args.biases.split(","):
       root = os.path.join(base, f"{init}_bias-{bias}")
       if not args.table_only:
-        subprocess.run([sys.executable, "-m", "allconv_jax.sweep",
+        subprocess.run([sys.executable, "-m", "allconv_jax.tools.sweep",
                         "--configs=configs/all_cnn_c.py", f"--learning_rates={args.learning_rates}",
                         f"--root={root}", f"--config.model.width_multiplier={args.width}",
                         f"--config.model.kernel_init={init}",

@@ -6,7 +6,7 @@ r"""The paper's protocol as published (Springenberg et al., 2015, section 3.1), 
 The paper chose each network's rate from {0.25, 0.1, 0.05, 0.01} on validation data without
 saying which won; pick it the same way (learning rates are this config's only unknown):
 
-  python -m allconv_jax.sweep --configs=configs/all_cnn_c.py --learning_rates=0.25,0.1,0.05,0.01 \
+  python -m allconv_jax.tools.sweep --configs=all_cnn_c --learning_rates=0.25,0.1,0.05,0.01 \
       --root=/tmp/allconv/sweep
 
 SGD, momentum 0.9, weight decay 0.001 (on every parameter, as Caffe), 350 epochs, rate x0.1 after

@@ -9,7 +9,8 @@ Scaled from the paper's protocol (section 3.1) so that everything runs in about 
 paper's 200/250/300 of 350, the paper's GCN + ZCA and no augmentation, each network's rate chosen
 from RATES on validation accuracy after SELECT epochs (before the first decay), then that run
 continued to the end. RATES are the paper's grid {0.25, 0.1, 0.05, 0.01} less the two rates
-that killed or stalled quarter-width nets in our trainability map (README, "Trainability").
+that killed or stalled quarter-width nets in our trainability map (results/trainability/,
+docs/reproducing.md).
 
 The transfer study keeps the course project's shape on real pixels: an All-CNN-C trained on five
 CIFAR-10 classes (SOURCE_CLASSES) is transferred to the other five (TARGET_CLASSES), 500

@@ -260,7 +260,7 @@ def write_report(runs: Sequence[Run], out: str) -> str:
 
 
 def read_study(root: str) -> dict[str, Any]:
-  """ROOT/study.json (written by allconv_jax.study); UserError if missing or unreadable."""
+  """ROOT/study.json (written by allconv_jax.tools.study); UserError if missing or unreadable."""
   path = os.path.join(root, STUDY_JSON)
   try:
     with open(path) as f:

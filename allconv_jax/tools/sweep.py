@@ -3,9 +3,10 @@ r"""Learning-rate sweep: every config at every rate, then the winning rate per n
   python -m allconv_jax.tools.sweep --configs=configs/model_a.py,configs/all_cnn_c.py \
       --learning_rates=0.25,0.1,0.05,0.01 --root=/tmp/allconv/sweep [--config.num_epochs=50 ...]
 
-Each point runs `python main.py` in `ROOT/<config file stem>/lr<rate>/` as a subprocess (its
-output is echoed and appended to `sweep.log` there). Finished points (results.json with at least
-the config's num_epochs and the same run-defining settings) are skipped, unfinished ones resume.
+Each point runs the training program (main.py's, as `python -m allconv_jax.launch`) in
+`ROOT/<config file stem>/lr<rate>/` as a subprocess (its output is echoed and appended to
+`sweep.log` there). Finished points (results.json with at least the config's num_epochs and the
+same run-defining settings) are skipped, unfinished ones resume.
 The rate with the highest validation accuracy (best epoch) wins, as the paper chose its rates;
 the result goes to ROOT/sweep.json and ROOT/sweep.md and is printed. A failed point (e.g. a
 diverged run) is recorded and the sweep goes on; the exit status is 1 if any point failed.
