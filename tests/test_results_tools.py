@@ -297,10 +297,11 @@ def test_report_table_and_plots(swept, model_a_run, tmp_path):
   with open(os.path.join(model_a_run, "results.json")) as f:
     res = json.load(f)
   assert res["data_source"] == "synthetic"  # recorded, and shown beside the dataset
-  assert cells[0][2:8] == ["CIFAR-10 (synthetic)", "0.01", "1", "no", "meanstd",
-                           f"{100 * res['best_val_accuracy']:.2f}"]
-  assert cells[0][8] == f"{100 * (1 - res['test_accuracy']):.2f}"
-  assert cells[0][9:] == ["—", "—"]  # synthetic data: no paper or course reference
+  last = f"{100 * res['final_val_accuracy']:.2f}"  # 1 epoch: its last fifth is that epoch
+  assert cells[0][2:10] == ["CIFAR-10 (synthetic)", "0.01", "1", "0", "no", "meanstd",
+                            f"{100 * res['best_val_accuracy']:.2f}", f"{last}-{last}"]
+  assert cells[0][10] == f"{100 * (1 - res['test_accuracy']):.2f}"
+  assert cells[0][11:] == ["—", "—"]  # synthetic data: no paper or course reference
   for run in (sweep_run, model_a_run):  # each run's folder, relative to the report
     assert f"`{os.path.relpath(run, out)}`" in text
   pngs = sorted(p.name for p in out.glob("*.png"))
@@ -334,7 +335,7 @@ def test_report_finds_runs_below_a_root(swept, tmp_path):
   runs = report.find_runs(sweep_root)
   assert runs == [os.path.join(sweep_root, "all_cnn_c", "lr0.05")]
   assert report.labels_for(runs, sweep_root) == ["all_cnn_c/lr0.05"]
-  assert report.plot_name("all_cnn_c/lr0.05") == "all_cnn_c__lr0.05.png"
+  assert plots.file_names(["all_cnn_c/lr0.05"]) == {"all_cnn_c/lr0.05": "all_cnn_c__lr0.05.png"}
   with pytest.raises(UserError, match="^no runs found below "):
     report.find_runs(str(tmp_path))
 
@@ -369,7 +370,18 @@ def fake_results(model="all_cnn_c", dataset="cifar10", augment=False, source="tf
 def test_paper_and_course_references(results, want):
   assert report.references(results) == want
   row = report.table_row(report.Run("run", "/x", results, []))
-  assert row[-2:] == list(want) and row[8] == "10.00"
+  assert row[-2:] == list(want) and row[10] == "10.00"
+
+
+def test_the_last_fifth_of_the_epochs_and_hand_written_findings(tmp_path):
+  records = [{"epoch": e, "val_accuracy": v} for e, v in
+             enumerate((0.1, 0.2, 0.3, 0.5, 0.4, 0.6, 0.55, 0.7, 0.68, 0.69), 1)]
+  assert report.last_fifth(records) == "68.00-69.00"  # epochs 9 and 10 of 10
+  assert report.last_fifth(records[:3]) == "30.00-30.00" and report.last_fifth([]) == "—"
+  run = report.Run("a/lr0.1", str(tmp_path / "a"), fake_results(), records)
+  (tmp_path / report.FINDINGS).write_text("All-CNN-C beats Model C.\n")
+  text = report.results_markdown([run], {"a/lr0.1": "a.png"}, str(tmp_path))
+  assert text.startswith("# Results\n\n## Findings\n\nAll-CNN-C beats Model C.\n")
 
 
 def test_paper_numbers_cover_the_twelve_networks():

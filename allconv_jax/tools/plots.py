@@ -3,6 +3,7 @@ validation accuracy and training loss, and the validation accuracy of many runs 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,3 +76,15 @@ def plot_comparison(curves: Curves, path: str) -> None:
   fig = comparison_figure(curves)
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def file_names(labels: Sequence[str], taken: Sequence[str] = ()) -> dict[str, str]:
+  """A distinct PNG file name per run label: 'all_cnn_c/lr0.05' -> 'all_cnn_c__lr0.05.png'."""
+  names: dict[str, str] = {}
+  for label in labels:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", label.replace("/", "__")) + ".png"
+    while name in names.values() or name in taken:
+      name = name.removesuffix(".png") + "_.png"
+    names[label] = name
+  return names
+

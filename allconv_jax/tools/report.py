@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,8 +34,10 @@ DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 COMPARISON_PNG = "comparison.png"
 STUDY_JSON = "study.json"
 STUDY_MD = "study.md"
-COLUMNS = ("Run", "Network", "Dataset", "LR", "Epochs", "Augmentation", "Preprocessing",
-           "Best val. acc. %", "Test error %", "Paper test error %", "Course test acc. %")
+COLUMNS = ("Run", "Network", "Dataset", "LR", "Epochs", "Seed", "Augmentation", "Preprocessing",
+           "Best val. acc. %", "Val. acc. %, last 20 % of epochs", "Test error %",
+           "Paper test error %", "Course test acc. %")
+FINDINGS = "findings.md"  # hand-written conclusions beside a report, shown at its top
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,9 +173,18 @@ def table_row(run: Run) -> list[str]:
   paper_err, course = references(r)
   return [
       run.label, network, dataset, learning_rate(r), str(r.get("epochs", "?")),
-      "yes" if r.get("augment") else "no", str(r.get("preprocessing", "?")),
-      pct(r.get("best_val_accuracy")), error_pct(r["test_accuracy"]), paper_err, course,
+      str((r.get("config") or {}).get("seed", "?")), "yes" if r.get("augment") else "no",
+      str(r.get("preprocessing", "?")), pct(r.get("best_val_accuracy")),
+      last_fifth(run.metrics), error_pct(r["test_accuracy"]), paper_err, course,
   ]
+
+
+def last_fifth(records: Sequence[dict[str, Any]]) -> str:
+  """'min-max' of the validation accuracy (%) over the last 20 % of the epochs (at least one):
+  how settled the run ended."""
+  vals = [m["val_accuracy"] for m in records if m.get("val_accuracy") is not None]
+  tail = vals[-max(1, round(len(vals) / 5)):]
+  return f"{pct(min(tail))}-{pct(max(tail))}" if tail else "—"
 
 
 def learning_rate(results: dict[str, Any]) -> str:
@@ -194,8 +204,12 @@ def folder(workdir: str, out: str) -> str | None:
 
 def results_markdown(runs: Sequence[Run], pngs: dict[str, str], out: str) -> str:
   """results.md (in `out`): the table, the notes on the references and the plots."""
-  lines = ["# Results", "",
-           "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+  findings = os.path.join(out, FINDINGS)
+  lines = ["# Results", ""]
+  if os.path.exists(findings):  # written by hand; the rest of this file is generated
+    with open(findings) as f:
+      lines += ["## Findings", "", f.read().strip(), "", "## Runs in numbers", ""]
+  lines += ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
   lines += ["| " + " | ".join(table_row(run)) + " |" for run in runs]
   lines += [
       "",
@@ -229,22 +243,12 @@ def comparison_curves(runs: Sequence[Run]) -> list[tuple[str, list[dict[str, Any
   return curves
 
 
-def plot_name(label: str) -> str:
-  """A file name for a run's plot: 'all_cnn_c/lr0.05' -> 'all_cnn_c__lr0.05.png'."""
-  return re.sub(r"[^A-Za-z0-9._-]", "_", label.replace("/", "__")) + ".png"
-
-
 def write_report(runs: Sequence[Run], out: str) -> str:
   """Writes results.md and the plots into `out`; returns the path of results.md."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise UserError(f"--out {out} exists and is not a folder")
   os.makedirs(out, exist_ok=True)
-  pngs: dict[str, str] = {}
-  for run in runs:
-    name = plot_name(run.label)
-    while name in pngs.values() or name == COMPARISON_PNG:
-      name = name.removesuffix(".png") + "_.png"
-    pngs[run.label] = name
+  pngs = plots.file_names([run.label for run in runs], taken=(COMPARISON_PNG,))
   for run in runs:
     r = run.results
     plots.plot_run(run.metrics, f"{run.label}: {r.get('model')} on {dataset_label(r)}, lr "
