@@ -59,3 +59,26 @@ def finished_run(trained_run, tmp_path):
     return target
 
   return copy
+
+
+@pytest.fixture(scope="session")
+def swept(tmp_path_factory):
+  """A real sweep over configs/all_cnn_c.py at one rate (tiny, 2 epochs): (root, summary,
+  output). Made once per test process for test_sweep.py and test_report.py (one xdist group)."""
+  from tests.tool_helpers import ALL_CNN_C, run_sweep, sweep_flags
+
+  root = str(tmp_path_factory.mktemp("sweep"))
+  return root, *run_sweep([ALL_CNN_C], [0.05], root, sweep_flags())
+
+
+@pytest.fixture(scope="session")
+def model_a_run(tmp_path_factory):
+  """A tiny Model A run trained in-process (1 epoch, rate 0.01), once per test process for
+  test_report.py and test_evaluate_visualize.py (one xdist group). Read it; never change it."""
+  from allconv_jax import train
+  from tests.helpers import tiny_config
+
+  workdir = str(tmp_path_factory.mktemp("runs") / "model_a")
+  train.train_and_evaluate(tiny_config(model__name="model_a", num_epochs=1,
+                                       optimizer__learning_rate=0.01), workdir)
+  return workdir

@@ -1,118 +1,18 @@
-"""Long-run failures: kills, corrupt checkpoints, NaNs, dead networks, concurrent runs, bad
-surroundings (unwritable or full disks, out of memory) and stop signals.
+"""Long-run failures, in this process: damaged and non-finite checkpoints, NaN losses, dead
+networks, restarts, damaged metrics and config files, the workdir lock, disks and memory."""
 
-Most tests call the library in this process; the ones about signals and the process's exit
-start main.py (helpers.popen_main) and read its output line by line as it comes.
-"""
-
-import contextlib
 import glob
 import os
-import queue
 import shutil
-import signal
-import sys
-import threading
-import time
 
 import pytest
 
 from allconv_jax import checkpointing, cli, files, train
 from allconv_jax import config as config_lib
 from allconv_jax.errors import UserError
-from tests.helpers import ROOT, metrics, popen_main, run, tiny_config, tiny_flags
+from tests.helpers import metrics, tiny_config
 
-
-class Lines:
-  """A running main.py whose stdout lines are read as they come, each with its arrival time
-  (time.monotonic()), by a thread: a test can wait for a line without blocking forever."""
-
-  def __init__(self, workdir, *flags: str) -> None:
-    self.proc = popen_main("--config=configs/all_cnn_c.py", f"--workdir={workdir}", *flags)
-    self.seen: list[tuple[float, str]] = []
-    self._queue: queue.Queue = queue.Queue()
-    threading.Thread(target=self._read, daemon=True).start()
-
-  def _read(self) -> None:
-    for line in self.proc.stdout:
-      self._queue.put((time.monotonic(), line.rstrip("\n")))
-    self._queue.put(None)
-
-  def wait_for(self, text: str, timeout: float = 240) -> tuple[float, str]:
-    """(arrival time, line) of the next line that contains `text`; fails (and kills the
-    process) if none comes within `timeout` seconds or the output ends first."""
-    deadline = time.monotonic() + timeout
-    while True:
-      try:
-        item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
-      except queue.Empty:
-        item = None
-      if item is None:
-        self.proc.kill()
-        out = "\n".join(line for _, line in self.seen)
-        raise AssertionError(f"{text!r} never appeared:\n{out}\n{self.proc.stderr.read()}")
-      self.seen.append(item)
-      if text in item[1]:
-        return item
-
-  def finish(self, timeout: float = 120) -> tuple[int, list[tuple[float, str]], str]:
-    """Waits for the exit: (exit status, the remaining stdout lines timed, stderr)."""
-    err = self.proc.stderr.read()  # until the process closes it: it exits
-    self.proc.wait(timeout=timeout)
-    rest = []
-    while (item := self._queue.get(timeout=timeout)) is not None:
-      rest.append(item)
-    return self.proc.returncode, rest, err
-
-
-EPOCHS = 3
-STEPS = 16  # per epoch: 512 images, batch 32 (room for a signal to land mid-epoch)
-FLAGS = tiny_flags(num_epochs=EPOCHS, log_every_steps=2, data__max_train_examples=512)
-
-
-def straight_config(**overrides):
-  """The config of FLAGS (test_tiny_flags_give_tiny_config checks that they agree)."""
-  return tiny_config(num_epochs=EPOCHS, log_every_steps=2, data__max_train_examples=512,
-                     **overrides)
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-  """An uninterrupted run of the configuration the kill tests interrupt (in this process)."""
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  train.train_and_evaluate(straight_config(), workdir)
-  return workdir
-
-
-@pytest.mark.slow
-def test_sigterm_then_sigkill_then_rerun_is_bit_identical(straight, tmp_path, capsys):
-  """SIGTERM mid-epoch 1 saves a mid-epoch checkpoint and exits 130; the rerun resumes from it
-  and is killed (SIGKILL) mid-epoch 2; the third run (in this process) resumes from epoch 1's
-  checkpoint; the metrics equal an uninterrupted run's, bit for bit."""
-  run1 = Lines(tmp_path, *FLAGS)
-  run1.wait_for(f"epoch 1/3 step 2/{STEPS}")  # a chunk's end
-  run1.proc.send_signal(signal.SIGTERM)
-  code, _, err = run1.finish()
-  assert code == 130, err
-  assert "run the same command again to resume" in err
-  assert err.strip().splitlines()[-1].startswith("interrupted: stopped at step ")
-  assert "Traceback" not in err
-  steps = files.checkpoint_steps(str(tmp_path))
-  assert steps and 2 <= steps[-1] < STEPS, steps  # a mid-epoch checkpoint
-
-  run2 = Lines(tmp_path, *FLAGS)
-  _, line = run2.wait_for("resuming from checkpoint step")
-  assert line.endswith(f"step {steps[-1]} (epoch 0, mid-epoch)"), line
-  run2.wait_for(f"epoch 2/3 step 4/{STEPS}")  # a checkpoint exists for epoch 1
-  run2.proc.send_signal(signal.SIGKILL)
-  code, _, _ = run2.finish()
-  assert code == -signal.SIGKILL
-  assert not os.path.exists(tmp_path / "results.json")
-
-  train.train_and_evaluate(straight_config(), str(tmp_path))  # the third run
-  assert f"resuming from checkpoint step {STEPS} (epoch 1)" in capsys.readouterr().out
-  assert metrics(str(tmp_path)) == metrics(straight)
-  assert files.read_metrics(str(tmp_path / "metrics.jsonl"))[-1]["epoch"] == EPOCHS
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(finished_run, trained_run,
@@ -164,6 +64,60 @@ def test_no_usable_checkpoint_is_an_error_not_a_silent_restart(finished_run):
     train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
   out = train.train_and_evaluate(tiny_config(num_epochs=1, restart=True), workdir)
   assert out["epochs"] == 1 and not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
+
+
+def test_a_malformed_newest_step_leaves_older_steps_usable(tmp_path):
+  """An empty newest step folder is set aside alone; the older good steps are not touched."""
+  import jax.numpy as jnp
+
+  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
+  ckpts.save(8, {"a": jnp.arange(3.0)})
+  ckpts.save(16, {"a": jnp.arange(3.0) + 1})
+  ckpts.close()
+  os.makedirs(tmp_path / "checkpoints" / "24")
+  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
+  step, tree = ckpts.restore_newest({"a": jnp.zeros(3)})
+  ckpts.close()
+  assert step == 16 and tree["a"].tolist() == [1.0, 2.0, 3.0]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["16", "8"]
+  assert os.listdir(tmp_path / "corrupt_checkpoints") == ["24"]
+
+
+def test_non_finite_steps_are_skipped_on_restore(tmp_path):
+  import jax.numpy as jnp
+
+  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
+  ckpts.save(8, {"a": jnp.arange(3.0)})
+  ckpts.manager.save(16, args=checkpointing.ocp.args.StandardSave({"a": jnp.full(3, jnp.nan)}))
+  ckpts.manager.wait_until_finished()
+  step, tree = ckpts.restore_newest({"a": jnp.zeros(3)})
+  ckpts.close()
+  assert step == 8 and os.listdir(tmp_path / "corrupt_checkpoints") == ["16"]
+
+
+def test_flipped_bytes_inside_a_checkpoint_are_detected(tmp_path):
+  """Silent corruption (bytes flipped in place, same size) is caught by the saved checksums."""
+  import jax.numpy as jnp
+
+  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
+  ckpts.save(8, {"a": jnp.arange(4096.0)})
+  ckpts.save(16, {"a": jnp.arange(4096.0) + 1})
+  ckpts.close()
+  files = glob.glob(f"{tmp_path}/checkpoints/16/**/d/*", recursive=True)
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.seek(os.path.getsize(biggest) // 2)
+    data = f.read(64)
+    f.seek(os.path.getsize(biggest) // 2)
+    f.write(bytes(b ^ 0xFF for b in data))
+  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
+  step, tree = ckpts.restore_newest({"a": jnp.zeros(4096)})
+  ckpts.close()
+  assert step == 8 and float(tree["a"][5]) == 5.0
+  assert os.listdir(tmp_path / "corrupt_checkpoints") == ["16"]
+
+
+# ----------------------------------------------------------------------------- NaN, dead networks
 
 
 def test_nan_loss_stops_with_epoch_and_rate_and_keeps_the_good_checkpoint(finished_run):
@@ -221,46 +175,7 @@ def test_the_dead_warning_names_dead_class_channels():
                   "per layer: stage1 50%, classifier 30%")
 
 
-@pytest.mark.parametrize("text, what", [("[]", "a list"), ("null", "a NoneType")])
-def test_a_config_json_that_holds_no_config_is_one_line(finished_run, text, what):
-  workdir = finished_run()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(text)
-  with pytest.raises(UserError) as e:
-    train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
-  assert str(e.value) == (f"{workdir}/config.json holds no config ({what}); delete it or set "
-                          "--config.restart=True to start over")
-  assert files.checkpoint_steps(workdir) == [8] and files.read_results(workdir)["epochs"] == 1
-
-
-def test_results_without_config_are_not_overwritten(tmp_path):
-  (tmp_path / "results.json").write_text("{}")
-  with pytest.raises(UserError, match="no config.json"):
-    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
-  assert (tmp_path / "results.json").read_text() == "{}"
-
-
-@pytest.mark.slow
-def test_second_process_on_a_workdir_is_refused(tmp_path):
-  """A run in another process holds the workdir; this process's run is refused with its pid
-  (a UserError: main.py prints it as one line, as the bad-config tests check)."""
-  other = Lines(tmp_path, *tiny_flags(num_epochs=50))
-  try:
-    other.wait_for("epoch 1/50 step")
-    with pytest.raises(UserError, match=rf"another run \(pid {other.proc.pid}\) is using "
-                                        "workdir"):
-      train.train_and_evaluate(tiny_config(num_epochs=50), str(tmp_path))
-  finally:
-    other.proc.kill()
-    other.finish()
-  with files.lock(str(tmp_path)):  # a killed run leaves no stuck lock
-    pass
-
-
-def test_truncated_metrics_line_is_dropped(tmp_path):
-  path = tmp_path / "metrics.jsonl"
-  path.write_text('{"epoch": 1, "step": 8}\n{"epoch": 2, "st')
-  assert files.read_metrics(str(path)) == [{"epoch": 1, "step": 8}]
+# ----------------------------------------------------------------------------- resume and restart
 
 
 def test_fewer_epochs_than_already_trained_is_refused(finished_run):
@@ -268,72 +183,6 @@ def test_fewer_epochs_than_already_trained_is_refused(finished_run):
   os.remove(os.path.join(workdir, "results.json"))
   with pytest.raises(UserError, match="has trained 2 epochs already, more than num_epochs=1"):
     train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def test_a_malformed_newest_step_leaves_older_steps_usable(tmp_path):
-  """An empty newest step folder is set aside alone; the older good steps are not touched."""
-  import jax.numpy as jnp
-
-  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
-  ckpts.save(8, {"a": jnp.arange(3.0)})
-  ckpts.save(16, {"a": jnp.arange(3.0) + 1})
-  ckpts.close()
-  os.makedirs(tmp_path / "checkpoints" / "24")
-  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
-  step, tree = ckpts.restore_newest({"a": jnp.zeros(3)})
-  ckpts.close()
-  assert step == 16 and tree["a"].tolist() == [1.0, 2.0, 3.0]
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["16", "8"]
-  assert os.listdir(tmp_path / "corrupt_checkpoints") == ["24"]
-
-
-def test_non_finite_steps_are_skipped_on_restore(tmp_path):
-  import jax.numpy as jnp
-
-  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
-  ckpts.save(8, {"a": jnp.arange(3.0)})
-  ckpts.manager.save(16, args=checkpointing.ocp.args.StandardSave({"a": jnp.full(3, jnp.nan)}))
-  ckpts.manager.wait_until_finished()
-  step, tree = ckpts.restore_newest({"a": jnp.zeros(3)})
-  ckpts.close()
-  assert step == 8 and os.listdir(tmp_path / "corrupt_checkpoints") == ["16"]
-
-
-def test_a_stop_signal_never_saves_non_finite_weights(finished_run, monkeypatch):
-  """Resume a finished run with learning_rate=inf and stop it mid-epoch: nothing is saved."""
-  workdir = finished_run()
-  saved = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  monkeypatch.setattr(train, "should_stop", lambda event: True)
-  with pytest.raises(train.TrainingDiverged, match="not finite"):
-    train.train_and_evaluate(tiny_config(num_epochs=2, optimizer__learning_rate=float("inf")),
-                             workdir)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == saved
-
-
-def test_a_stop_before_the_first_step_after_a_resume_keeps_the_checkpoint(finished_run,
-                                                                          monkeypatch, capsys):
-  """A stop signal that is already set when the resumed run reaches its first step: nothing
-  trained, so no progress line (it once divided by a speed of 0) and no re-save of the
-  restored checkpoint; Interrupted at that step."""
-  workdir = finished_run()
-  before = {s: os.path.getmtime(os.path.join(workdir, "checkpoints", str(s)))
-            for s in files.checkpoint_steps(workdir)}
-
-  @contextlib.contextmanager
-  def stopped():
-    event = threading.Event()
-    event.set()
-    yield event
-
-  monkeypatch.setattr(train.cli, "stop_on_signals", stopped)
-  with pytest.raises(train.Interrupted, match="step 8"):
-    train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
-  assert "checkpoint step 8 is current; stopping" in capsys.readouterr().out
-  assert {s: os.path.getmtime(os.path.join(workdir, "checkpoints", str(s)))
-          for s in files.checkpoint_steps(workdir)} == before
 
 
 def test_a_failed_extension_keeps_the_finished_results(finished_run, monkeypatch):
@@ -347,16 +196,6 @@ def test_a_failed_extension_keeps_the_finished_results(finished_run, monkeypatch
   with pytest.raises(UserError, match="truncated"):
     train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
   assert files.read_results(workdir) == before
-
-
-def test_interrupt_message_of_a_restart_run_says_to_drop_restart(tmp_path, monkeypatch):
-  monkeypatch.setattr(train, "should_stop", lambda event: True)
-  with pytest.raises(train.Interrupted) as e:
-    train.train_and_evaluate(tiny_config(restart=True), str(tmp_path))
-  assert "run the same command without --config.restart=True to resume" in str(e.value)
-  with pytest.raises(train.Interrupted) as e:
-    train.train_and_evaluate(tiny_config(), str(tmp_path))
-  assert "run the same command again to resume" in str(e.value)
 
 
 def test_restart_deletes_only_a_runs_workdir_and_only_after_the_data_checks(tmp_path,
@@ -381,43 +220,11 @@ def test_restart_deletes_only_a_runs_workdir_and_only_after_the_data_checks(tmp_
   assert sorted(os.listdir(run)) == kept and (run / "results.json").exists()
 
 
-def test_one_damaged_metrics_line_keeps_the_records_after_it(tmp_path):
-  path = str(tmp_path / "metrics.jsonl")
-  records = [{"epoch": e, "step": 8 * e, "val_accuracy": 0.1 * e} for e in (1, 2, 3)]
-  files.write_metrics(path, records)
-  lines = open(path).read().splitlines()
-  lines[1] = lines[1][:9] + "\x00garbage"
-  open(path, "w").write("\n".join([*lines, "7", '{"epoch": 4, "st'][:6]) + "\n")
-  assert files.read_metrics(path) == [records[0], records[2]]
-
-
 @pytest.mark.parametrize("key, value", [("source", "local"), ("dir", "/elsewhere")])
 def test_resuming_on_other_data_is_refused(finished_run, key, value):
   workdir = finished_run()
   with pytest.raises(UserError, match=f"another data.{key}"):
     files.check_resume(tiny_config(num_epochs=2, **{f"data__{key}": value}), workdir, True)
-
-
-def test_flipped_bytes_inside_a_checkpoint_are_detected(tmp_path):
-  """Silent corruption (bytes flipped in place, same size) is caught by the saved checksums."""
-  import jax.numpy as jnp
-
-  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
-  ckpts.save(8, {"a": jnp.arange(4096.0)})
-  ckpts.save(16, {"a": jnp.arange(4096.0) + 1})
-  ckpts.close()
-  files = glob.glob(f"{tmp_path}/checkpoints/16/**/d/*", recursive=True)
-  biggest = max(files, key=os.path.getsize)
-  with open(biggest, "r+b") as f:
-    f.seek(os.path.getsize(biggest) // 2)
-    data = f.read(64)
-    f.seek(os.path.getsize(biggest) // 2)
-    f.write(bytes(b ^ 0xFF for b in data))
-  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
-  step, tree = ckpts.restore_newest({"a": jnp.zeros(4096)})
-  ckpts.close()
-  assert step == 8 and float(tree["a"][5]) == 5.0
-  assert os.listdir(tmp_path / "corrupt_checkpoints") == ["16"]
 
 
 def test_a_run_that_saved_nothing_does_not_bind_the_corrected_rerun(tmp_path, monkeypatch):
@@ -435,6 +242,16 @@ def test_a_run_that_saved_nothing_does_not_bind_the_corrected_rerun(tmp_path, mo
   assert out["width_multiplier"] == 0.05
 
 
+def test_a_run_that_fails_before_writing_leaves_no_workdir(tmp_path, monkeypatch):
+  def broken(*args, **kwargs):
+    raise UserError("data_batch_3 is truncated")
+
+  monkeypatch.setattr(train.input_pipeline, "load_splits", broken)
+  with pytest.raises(UserError, match="truncated"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # not a folder holding only .lock
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("model__width_multiplier", float("inf"), "'model.width_multiplier' must be in (0, 8.0]"),
     ("model__width_multiplier", 200.0, "'model.width_multiplier' must be in (0, 8.0]"),
@@ -449,6 +266,55 @@ def test_out_of_range_settings_are_one_line_errors(key, value, message):
   with pytest.raises(UserError) as e:
     config_lib.validate(tiny_config(**{key: value}))
   assert message in str(e.value)
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+@pytest.mark.parametrize("text, what", [("[]", "a list"), ("null", "a NoneType")])
+def test_a_config_json_that_holds_no_config_is_one_line(finished_run, text, what):
+  workdir = finished_run()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(text)
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
+  assert str(e.value) == (f"{workdir}/config.json holds no config ({what}); delete it or set "
+                          "--config.restart=True to start over")
+  assert files.checkpoint_steps(workdir) == [8] and files.read_results(workdir)["epochs"] == 1
+
+
+def test_results_without_config_are_not_overwritten(tmp_path):
+  (tmp_path / "results.json").write_text("{}")
+  with pytest.raises(UserError, match="no config.json"):
+    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  assert (tmp_path / "results.json").read_text() == "{}"
+
+
+def test_a_malformed_config_json_suggests_restart_only_to_the_trainer(finished_run):
+  workdir = finished_run()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write("{not json")
+  with pytest.raises(UserError, match="corrupt.*set --config.restart=True"):
+    train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
+  with pytest.raises(UserError) as info:
+    checkpointing.load_run(workdir)  # what the tools and transfer read
+  assert "corrupt" in str(info.value) and "restart" not in str(info.value)
+
+
+def test_truncated_metrics_line_is_dropped(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"epoch": 1, "step": 8}\n{"epoch": 2, "st')
+  assert files.read_metrics(str(path)) == [{"epoch": 1, "step": 8}]
+
+
+def test_one_damaged_metrics_line_keeps_the_records_after_it(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  records = [{"epoch": e, "step": 8 * e, "val_accuracy": 0.1 * e} for e in (1, 2, 3)]
+  files.write_metrics(path, records)
+  lines = open(path).read().splitlines()
+  lines[1] = lines[1][:9] + "\x00garbage"
+  open(path, "w").write("\n".join([*lines, "7", '{"epoch": 4, "st'][:6]) + "\n")
+  assert files.read_metrics(path) == [records[0], records[2]]
 
 
 # ----------------------------------------------------------------------------- bad surroundings
@@ -489,109 +355,6 @@ def test_disk_full_or_a_removed_workdir_is_one_line(tmp_path, monkeypatch, capsy
   assert err.startswith("error: No space left on device") and "metrics.jsonl" in err
 
 
-def test_a_malformed_config_json_suggests_restart_only_to_the_trainer(finished_run):
-  workdir = finished_run()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write("{not json")
-  with pytest.raises(UserError, match="corrupt.*set --config.restart=True"):
-    train.train_and_evaluate(tiny_config(num_epochs=1), workdir)
-  with pytest.raises(UserError) as info:
-    checkpointing.load_run(workdir)  # what the tools and transfer read
-  assert "corrupt" in str(info.value) and "restart" not in str(info.value)
-
-
-def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
-  """XLA's RESOURCE_EXHAUSTED (a RuntimeError) while the run builds its model: one line, exit 2;
-  the failed start binds no rerun (test_a_run_that_saved_nothing_does_not_bind_...)."""
-  def exhausted(*args, **kwargs):
-    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
-
-  monkeypatch.setattr(train.models, "init_params", exhausted)
-  with pytest.raises(SystemExit) as e, cli.user_errors():
-    train.train_and_evaluate(tiny_config(), str(tmp_path))
-  err = capsys.readouterr().err.strip()
-  assert e.value.code == 2 and "\n" not in err
-  assert err.startswith("error: out of memory (RESOURCE_EXHAUSTED): lower batch_size"), err
-
-
-# ----------------------------------------------------------------------------- stop signals
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_after_the_running_step_not_the_chunk(tmp_path):
-  """SIGINT in the middle of a chunk of 6 steps of half-width All-CNN-C (a step takes a good
-  fraction of a second): the CPU loop keeps one step in flight, so the stop is noticed after
-  that step, not at the chunk's end (with every step of the chunk dispatched at once, it
-  was); it saves a checkpoint there and exits 130. Times are measured in the run's own step
-  times (the gaps between its progress lines)."""
-  chunk = 6
-  run1 = Lines(tmp_path, *tiny_flags(num_epochs=1, model__width_multiplier=0.5,
-                                     log_every_steps=chunk, data__max_train_examples=32 * 40))
-  t1, _ = run1.wait_for(f"epoch 1/1 step {chunk}/40")  # the first chunk compiled the step
-  t2, _ = run1.wait_for(f"epoch 1/1 step {2 * chunk}/40")
-  step_time = (t2 - t1) / chunk
-  time.sleep(1.5 * step_time)  # into the second step of the third chunk (steps 13 to 18)
-  run1.proc.send_signal(signal.SIGINT)
-  t_signal = time.monotonic()
-  code, rest, err = run1.finish()
-  t_exit = time.monotonic()
-  assert code == 130, err
-  assert err.strip().splitlines()[-1].startswith("interrupted: stopped at step "), err
-  stopped = int(err.split("stopped at step ")[1].split()[0])
-  # the step running when the signal came (about 14): inside the chunk, not at its end (18)
-  assert 2 * chunk < stopped < 3 * chunk, (stopped, rest, err)
-  assert files.checkpoint_steps(str(tmp_path)) == [stopped]
-  # the loop's answer: the progress line of the cut chunk, then the save
-  (t_seen, seen), (_, saving) = rest[:2]
-  assert seen.startswith(f"epoch 1/1 step {stopped}/40: loss "), rest
-  assert saving == "received a stop signal: saving a checkpoint, then stopping", rest
-  timings = (f"step {step_time:.2f}s; the stop was seen {t_seen - t_signal:.2f}s and the "
-             f"process exited {t_exit - t_signal:.2f}s after the signal")
-  assert t_seen - t_signal < 3 * step_time, timings  # the chunk's rest: 6 step times
-  # The save and the interpreter's exit add a few seconds that do not scale with the step
-  # (about 4 step times here): a loose bound, against a hang after the save.
-  assert t_exit - t_signal < 15 * step_time, timings
-
-
-def test_a_signal_during_start_up_exits_130_with_one_line(tmp_path):
-  """main.py installs its exit before the heavy imports: a SIGINT while they run is one line
-  and exit 130, not a KeyboardInterrupt traceback from inside an import."""
-  proc = popen_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path}", *tiny_flags())
-  caught = 1 << (signal.SIGTERM - 1)  # python catches SIGINT from the start, SIGTERM only ours
-  deadline = time.monotonic() + 60
-  while time.monotonic() < deadline:
-    with open(f"/proc/{proc.pid}/status") as f:
-      mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
-    if mask & caught:
-      break
-    time.sleep(0.005)
-  proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=60)
-  assert proc.returncode == 130, err
-  assert err.startswith("interrupted: stopped outside the training loop"), err
-  assert len(err.strip().splitlines()) == 1 and out == "", (out, err)
-  assert not os.path.exists(tmp_path / "config.json")
-
-
-@pytest.mark.slow
-def test_a_second_signal_exits_at_once():
-  code = ("import os, signal, time\nfrom allconv_jax import cli\nwith cli.stop_on_signals() as e:\n"
-          "  os.kill(os.getpid(), signal.SIGINT)\n  assert e.is_set()\n"
-          "  os.kill(os.getpid(), signal.SIGINT)\n  time.sleep(30)\n")
-  r = run([sys.executable, "-c", code], timeout=60)
-  assert r.returncode == 130 and "interrupted again: exiting at once" in r.stderr, r.stderr
-
-
-def test_a_run_that_fails_before_writing_leaves_no_workdir(tmp_path, monkeypatch):
-  def broken(*args, **kwargs):
-    raise UserError("data_batch_3 is truncated")
-
-  monkeypatch.setattr(train.input_pipeline, "load_splits", broken)
-  with pytest.raises(UserError, match="truncated"):
-    train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
-  assert not (tmp_path / "run").exists()  # not a folder holding only .lock
-
-
 @pytest.mark.parametrize("target", ["checkpoint", "preprocessing"])
 def test_disk_full_writing_a_checkpoint_or_the_statistics_is_one_line(tmp_path, monkeypatch,
                                                                        capsys, target):
@@ -614,8 +377,15 @@ def test_disk_full_writing_a_checkpoint_or_the_statistics_is_one_line(tmp_path, 
   assert e.value.code == 2 and err.startswith("error: No space left on device") and "\n" not in err
 
 
-def test_tiny_flags_give_tiny_config():
-  """main.py with FLAGS runs exactly straight_config(), the config of the in-process
-  `straight` run that the kill tests compare with."""
-  config = cli.config_from_file(os.path.join(ROOT, "configs", "all_cnn_c.py"), FLAGS)
-  assert config.to_dict() == straight_config().to_dict()
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+  """XLA's RESOURCE_EXHAUSTED (a RuntimeError) while the run builds its model: one line, exit 2;
+  the failed start binds no rerun (test_a_run_that_saved_nothing_does_not_bind_...)."""
+  def exhausted(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
+
+  monkeypatch.setattr(train.models, "init_params", exhausted)
+  with pytest.raises(SystemExit) as e, cli.user_errors():
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and "\n" not in err
+  assert err.startswith("error: out of memory (RESOURCE_EXHAUSTED): lower batch_size"), err
