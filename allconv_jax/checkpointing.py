@@ -195,6 +195,7 @@ class Checkpoints:
     there are no checkpoints; UserError when none of them is usable.
     """
     steps = self.steps()
+    skipped = []  # one warning per unusable step, printed only if an older one restores
     for step in reversed(steps):
       try:
         with quiet_orbax_echoes():
@@ -203,13 +204,17 @@ class Checkpoints:
           raise ValueError("it holds non-finite values")
         if isinstance(tree, dict) and "state" in tree and int(tree["state"].step) != step:
           raise ValueError(f"its train state is at step {int(tree['state'].step)}, not {step}")
+        for warning in skipped:
+          print(warning, file=sys.stderr, flush=True)
         return step, tree
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else \
             type(e).__name__
+        logging.info("skipped unusable checkpoint %d: %s", step, reason)
+        last_reason = reason
         if not move_aside:
-          print(f"warning: checkpoint {self.directory}/{step} is unusable ({reason}); trying "
-                "the previous one", file=sys.stderr, flush=True)
+          skipped.append(f"warning: checkpoint {self.directory}/{step} is unusable ({reason}); "
+                         "used an earlier one")
           continue
         aside = os.path.join(files.path(self.workdir, files.CORRUPT), str(step))
         if self._best is not None and self._best["step"] == step:
@@ -218,15 +223,15 @@ class Checkpoints:
           os.makedirs(os.path.dirname(aside), exist_ok=True)
           shutil.rmtree(aside, ignore_errors=True)
           os.replace(os.path.join(self.directory, str(step)), aside)
-        print(f"warning: checkpoint {self.directory}/{step} is incomplete or corrupt "
-              f"({reason}); moved it to {aside} and trying the previous one", file=sys.stderr,
-              flush=True)
-        logging.info("skipped corrupt checkpoint %d: %s", step, reason)
+        skipped.append(f"warning: checkpoint {self.directory}/{step} is incomplete or corrupt "
+                       f"({reason}); moved it to {aside} and used an earlier one")
     if steps:
       advice = ("set --config.restart=True to start over" if move_aside  # the run's own trainer
                 else "retrain the run or restore its checkpoints from a copy")
-      raise UserError(f"no usable checkpoint in {self.directory} (tried steps "
-                      f"{', '.join(map(str, steps))}); {advice}")
+      moved = f"; moved to {files.path(self.workdir, files.CORRUPT)}" if move_aside else ""
+      raise UserError(f"no usable checkpoint in {self.directory} (steps "
+                      f"{', '.join(map(str, steps))}; step {steps[0]}: {last_reason}{moved}); "
+                      f"{advice}")
     return None
 
   def close(self) -> None:

@@ -175,8 +175,9 @@ def _check_rates(opt: ml_collections.ConfigDict) -> None:
   rates = list(opt.learning_rates)
   if not rates:
     return
-  _require(all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates),
-           "optimizer.learning_rates", "must be positive numbers", opt.learning_rates)
+  _require(all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < math.inf
+               for r in rates), "optimizer.learning_rates", "must be positive finite numbers",
+           opt.learning_rates)
   _require(len(rates) == len(opt.boundaries) + 1, "optimizer.learning_rates",
            f"must hold one rate per segment ({len(opt.boundaries) + 1} for boundaries "
            f"{tuple(opt.boundaries)})", opt.learning_rates)
@@ -210,10 +211,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_optimizer(opt: ml_collections.ConfigDict) -> None:
-  _require(opt.learning_rate > 0, "optimizer.learning_rate", "must be > 0", opt.learning_rate)
+  _require(0 < opt.learning_rate < math.inf, "optimizer.learning_rate",
+           "must be a finite number > 0", opt.learning_rate)
   _require(0 <= opt.momentum < 1, "optimizer.momentum", "must be in [0, 1)", opt.momentum)
-  _require(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", opt.weight_decay)
-  _require(opt.decay_factor > 0, "optimizer.decay_factor", "must be > 0", opt.decay_factor)
+  _require(0 <= opt.weight_decay < math.inf, "optimizer.weight_decay",
+           "must be a finite number >= 0", opt.weight_decay)
+  _require(0 < opt.decay_factor < math.inf, "optimizer.decay_factor",
+           "must be a finite number > 0", opt.decay_factor)
   _require(0 <= opt.warmup_epochs < math.inf, "optimizer.warmup_epochs",
            "must be a finite number >= 0", opt.warmup_epochs)
   bounds = list(opt.boundaries)
@@ -243,7 +247,8 @@ def _check_model(model: ml_collections.ConfigDict) -> None:
                        ("padding", models.PADDINGS)):
     _require(model[key] in allowed, f"model.{key}", f"must be one of {', '.join(allowed)}",
              model[key])
-  _require(model.init_std > 0, "model.init_std", "must be > 0", model.init_std)
+  _require(0 < model.init_std < math.inf, "model.init_std", "must be a finite number > 0",
+           model.init_std)
 
 
 def _choice(key: str, value: Any, allowed: Sequence[str]) -> None:

@@ -42,6 +42,7 @@ CHECKPOINTS = "checkpoints"
 CORRUPT = "corrupt_checkpoints"
 TENSORBOARD = "tensorboard"
 LOCK = ".lock"
+TMP_PREFIX, TMP_LINK = ".tmp-", ".tmp-link-"  # write_atomic's and _link's temporary files
 OUTPUTS = (CONFIG, METRICS, RESULTS, PREPROCESSING, BEST, CHECKPOINTS, CORRUPT, TENSORBOARD)
 
 
@@ -58,7 +59,7 @@ def write_atomic(target: str, write: Callable[[IO[Any]], None], binary: bool = F
   over it: readers see the old or the new file, never half of one."""
   folder = os.path.dirname(os.path.abspath(target))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(target)}-")
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.path.basename(target)}-")
   try:
     with os.fdopen(fd, "wb" if binary else "w") as f:
       write(f)
@@ -98,6 +99,14 @@ def read_json(target: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
+
+
+def json_kind(value: Any) -> str:
+  """What a JSON value is, in JSON's words ('a list', 'null', ...), for error lines."""
+  if value is None or isinstance(value, bool):
+    return json.dumps(value)
+  kinds = {list: "a list", dict: "an object", str: "a string", int: "a number", float: "a number"}
+  return kinds.get(type(value), f"a {type(value).__name__}")
 
 
 def read_metrics(target: str) -> list[dict[str, Any]]:
@@ -173,12 +182,22 @@ def lock(workdir: str, primary: bool = True) -> Iterator[None]:
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
+    remove_stale_temporaries(workdir)
     yield
   finally:
     f.close()
     if created and os.listdir(workdir) == [LOCK]:  # a run that failed before writing anything
       os.remove(path(workdir, LOCK))
       os.rmdir(workdir)
+
+
+def remove_stale_temporaries(workdir: str) -> None:
+  """Removes the temporary files of an earlier process killed mid-write (only ever called by
+  the holder of the workdir's lock, so no live writer owns them)."""
+  for name in os.listdir(workdir):
+    if name.startswith(TMP_PREFIX) or TMP_LINK in name:
+      with contextlib.suppress(OSError):
+        os.remove(path(workdir, name))
 
 
 def check_writable(workdir: str) -> None:
@@ -263,7 +282,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, primary: bool)
   except UserError as e:
     raise UserError(f"{e}; delete it or set --config.restart=True to start over") from None
   if not isinstance(saved, dict):
-    raise UserError(f"{path(workdir, CONFIG)} holds no config (a {type(saved).__name__}); "
+    raise UserError(f"{path(workdir, CONFIG)} holds no config ({json_kind(saved)}); "
                     "delete it or set --config.restart=True to start over")
   if not (read_metrics(path(workdir, METRICS)) or os.path.exists(path(workdir, RESULTS))
           or has_checkpoint_steps(workdir)):
@@ -280,7 +299,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, primary: bool)
                     "or set --config.restart=True to start over")
   results = read_json(path(workdir, RESULTS)) if os.path.exists(path(workdir, RESULTS)) else None
   if results is not None and not isinstance(results, dict):
-    raise UserError(f"{path(workdir, RESULTS)} holds no results (a {type(results).__name__}); "
+    raise UserError(f"{path(workdir, RESULTS)} holds no results ({json_kind(results)}); "
                     "delete it or set --config.restart=True to start over")
   return Resume(saved, results, tuple(other))
 
@@ -315,14 +334,19 @@ def statistics_key(data_config: Any, train_images: np.ndarray) -> str:
 
 def _link(source: str, target: str) -> None:
   """`target` becomes a hard link to `source` (a copy across file systems), atomically."""
-  tmp = f"{target}.tmp-link-{os.getpid()}"
+  tmp = f"{target}{TMP_LINK}{os.getpid()}"
   with contextlib.suppress(FileNotFoundError):
     os.remove(tmp)
   try:
-    os.link(source, tmp)
-  except OSError:
-    shutil.copyfile(source, tmp)
-  os.replace(tmp, target)
+    try:
+      os.link(source, tmp)
+    except OSError:
+      shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+  except BaseException:  # a full disk or Ctrl-C mid-copy: no half-written file stays behind
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 def fit_or_share(data_config: Any, train_images: np.ndarray, target: str

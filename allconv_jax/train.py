@@ -74,6 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if adopted:
     log(f"from transfer.source: {', '.join(adopted)}")
   source = transfer.check_source(config)
+  if source is not None and (config.restart or not files.has_checkpoint_steps(workdir)):
+    source = transfer.load_source(source)  # a run starting from it: can its checkpoint be read?
   convs = cpu.choose(config.model.conv_impl, config.model.strided_grad, config.model.dtype)
   input_pipeline.check_available(config.data)
   if os.path.exists(workdir) and not os.path.isdir(workdir):

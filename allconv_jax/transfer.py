@@ -27,6 +27,8 @@ class Source:
   config: ml_collections.ConfigDict
   preprocessing_path: str
   which: str
+  params: Any = None  # its checkpoint's parameters, once `load_source` has read them
+  step: int | None = None
 
 
 # Model settings a transfer run takes from its source unless its config sets another value
@@ -98,11 +100,20 @@ def check_source(config: ml_collections.ConfigDict) -> Source | None:
   return Source(workdir, src, prep, config.transfer.checkpoint)
 
 
+def load_source(source: Source) -> Source:
+  """The source with its checkpoint's parameters read; UserError if none of its checkpoints
+  can be read (checked before the new run's workdir is made)."""
+  _, params, step = checkpointing.load_checkpoint(source.workdir, source.which)
+  return dataclasses.replace(source, params=params, step=step)
+
+
 def initial_params(source: Source, config: ml_collections.ConfigDict, fresh: Any) -> tuple[
     Any, int]:
   """The source's backbone and, unless `transfer.new_classifier`, its class layer too; and the
   step of the source checkpoint they come from."""
-  _, src, step = checkpointing.load_checkpoint(source.workdir, source.which)
+  if source.params is None:
+    source = load_source(source)
+  src, step = source.params, source.step
   for a, b in zip(jax.tree_util.tree_leaves(src["backbone"]),
                   jax.tree_util.tree_leaves(fresh["backbone"]), strict=True):
     if a.shape != b.shape:

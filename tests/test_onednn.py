@@ -377,8 +377,20 @@ def test_the_next_build_deletes_an_interrupted_builds_temporaries(built, cache, 
 def test_a_failed_build_leaves_no_library(compiler, cache, tmp_path):
   folder, path, _ = onednn._open_folder()
   try:
-    with pytest.raises(OSError, match="failed" if compiler == "false" else "No such file"):
+    with pytest.raises(OSError, match="exited with status 1$" if compiler == "false" else "No such file"):
       onednn._library(folder, path, compiler, onednn._prefix() or str(tmp_path))
   finally:
     os.close(folder)
   assert os.listdir(cache) == ["build.lock"], "no library, no temporary, no build folder"
+
+
+def test_a_failed_build_says_why_in_one_short_line(tmp_path):
+  """A compiler that fails with pages of errors: the reason (which `auto` logs and records)
+  is one line with the exit status and the compiler's last line, not the command or the pages."""
+  script = tmp_path / "failing-cxx"
+  script.write_text("#!/bin/sh\nfor i in $(seq 50); do echo \"In file $i: noise\" >&2; done\n"
+                    "echo 'ld: cannot find -ldnnl' >&2\nexit 1\n")
+  script.chmod(0o755)
+  with pytest.raises(OSError) as e:
+    onednn._compile(str(script), str(tmp_path), str(tmp_path / "out.so"))
+  assert str(e.value) == "failing-cxx exited with status 1: ld: cannot find -ldnnl"

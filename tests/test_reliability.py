@@ -55,13 +55,14 @@ def test_a_copied_step_folder_under_another_number_is_set_aside_not_used(finishe
   assert metrics(workdir) == metrics(trained_run(2))
 
 
-def test_no_usable_checkpoint_is_an_error_not_a_silent_restart(finished_run):
+def test_no_usable_checkpoint_is_an_error_not_a_silent_restart(finished_run, capsys):
   workdir = finished_run()
   for f in glob.glob(f"{workdir}/checkpoints/8/**/_METADATA", recursive=True):
     with open(f, "w") as fh:
       fh.write("{not json")
-  with pytest.raises(UserError, match="no usable checkpoint"):
+  with pytest.raises(UserError, match="no usable checkpoint .*moved to .*corrupt_checkpoints"):
     train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
+  assert "warning" not in capsys.readouterr().err  # the error line says it all
   out = train.train_and_evaluate(tiny_config(num_epochs=1, restart=True), workdir)
   assert out["epochs"] == 1 and not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
@@ -261,6 +262,10 @@ def test_a_run_that_fails_before_writing_leaves_no_workdir(tmp_path, monkeypatch
     ("data__gcn_scale", float("inf"), "data.gcn_scale must be a finite number > 0"),
     ("data__zca_epsilon", float("nan"), "data.zca_epsilon must be a finite number >= 0"),
     ("data__translate_pixels", 40, "data.translate_pixels must be an integer in [0, 32)"),
+    *[(f"optimizer__{key}", float("inf"), f"'optimizer.{key}' must be a finite number")
+      for key in ("learning_rate", "weight_decay", "decay_factor")],
+    ("optimizer__weight_decay", float("nan"), "'optimizer.weight_decay' must be a finite"),
+    ("model__init_std", float("inf"), "'model.init_std' must be a finite number > 0"),
 ])
 def test_out_of_range_settings_are_one_line_errors(key, value, message):
   with pytest.raises(UserError) as e:
@@ -271,7 +276,7 @@ def test_out_of_range_settings_are_one_line_errors(key, value, message):
 # ----------------------------------------------------------------------------- damaged files
 
 
-@pytest.mark.parametrize("text, what", [("[]", "a list"), ("null", "a NoneType")])
+@pytest.mark.parametrize("text, what", [("[]", "a list"), ("null", "null"), ("3", "a number")])
 def test_a_config_json_that_holds_no_config_is_one_line(finished_run, text, what):
   workdir = finished_run()
   with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -135,8 +135,8 @@ def test_corrupt_checkpoints_advise_retraining_not_a_restart(finished_run, tmp_p
   proc = run_tool("evaluate", f"--workdir={run}")
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-  assert lines[-1].startswith("error: no usable checkpoint in ") and advice in lines[-1]
-  assert all(line.startswith("warning: checkpoint ") for line in lines[:-1])
+  assert len(lines) == 1 and lines[0].startswith("error: no usable checkpoint in "), lines
+  assert advice in lines[0] and "step 8: " in lines[0]  # the oldest step's reason
   assert "restart" not in proc.stderr
   assert os.listdir(os.path.join(run, "checkpoints"))  # nothing moved aside in another's run
 

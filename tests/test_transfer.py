@@ -1,6 +1,7 @@
 """Transfer learning: frozen backbone (step 1), fine-tuning (step 2), source checks."""
 
 import json
+import glob
 import os
 import shutil
 
@@ -140,6 +141,21 @@ def test_a_wrong_source_is_one_line_before_any_compute(runs, tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path / "w"))
   assert "holds an all_cnn_c of width x0.05; this config builds a model_a" in str(e.value)
   assert "\n" not in str(e.value)
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_source_with_only_unreadable_checkpoints_fails_before_the_workdir(runs, tmp_path):
+  """Every checkpoint of the source damaged: one line naming the source, and no workdir (the
+  source is read before the new run's folder is made)."""
+  source = shutil.copytree(runs[0], tmp_path / "source")
+  for data in glob.glob(f"{source}/checkpoints/*/**/d/*", recursive=True):
+    with open(data, "wb") as f:
+      f.write(b"garbage")
+  config = cli.config_from_file("configs/transfer_step1.py", tiny_flags(
+      transfer__source=str(source), data__dataset="cifar100", data__subset="class1"))
+  with pytest.raises(UserError, match=f"no usable checkpoint in {source}/checkpoints") as e:
+    train_lib.train_and_evaluate(config, str(tmp_path / "w"))
+  assert "\n" not in str(e.value) and "restart" not in str(e.value)
   assert not (tmp_path / "w").exists()
 
 

@@ -93,7 +93,7 @@ def _load_and_try(dtype: str) -> str | None:
   try:
     onednn.load()
   except OSError as e:
-    return f"the oneDNN convolutions did not build or load: {e}"
+    return f"the oneDNN convolutions did not build or load: {' '.join(str(e).split())[:300]}"
   return onednn.unsupported(dtype)
 
 

@@ -203,14 +203,17 @@ def _write(folder: int, name: str, data: bytes, mode: int) -> None:
 
 
 def _compile(compiler: str, prefix: str, out: str) -> None:
-  """Compiles the library to the path `out`; OSError with the compiler's complaint."""
+  """Compiles the library to the path `out`; OSError with the compiler's exit status and the
+  last line of its complaint (the whole of it can run to pages)."""
   lib = os.path.join(prefix, "lib")
   cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", SOURCE, "-o", out,
          f"-I{jax.ffi.include_dir()}", f"-I{os.path.join(prefix, 'include')}", f"-L{lib}",
          "-ldnnl", f"-Wl,-rpath,{lib}"]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if done.returncode != 0:
-    raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-400:]}")
+    last = (done.stderr.strip().splitlines() or [""])[-1].strip()[:200]
+    raise OSError(f"{os.path.basename(compiler)} exited with status {done.returncode}"
+                  + (f": {last}" if last else ""))
 
 
 def _build(folder: int, path: str, name: str, compiler: str, prefix: str) -> bytes:
