@@ -377,7 +377,8 @@ def test_the_next_build_deletes_an_interrupted_builds_temporaries(built, cache, 
 def test_a_failed_build_leaves_no_library(compiler, cache, tmp_path):
   folder, path, _ = onednn._open_folder()
   try:
-    with pytest.raises(OSError, match="exited with status 1$" if compiler == "false" else "No such file"):
+    expected = "exited with status 1$" if compiler == "false" else "No such file"
+    with pytest.raises(OSError, match=expected):
       onednn._library(folder, path, compiler, onednn._prefix() or str(tmp_path))
   finally:
     os.close(folder)

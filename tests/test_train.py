@@ -204,7 +204,7 @@ def test_freeze_masks_updates_decay_and_momentum_buffers():
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.optimizer.learning_rate=0.0", "'optimizer.learning_rate' must be a finite number > 0"),
+    ("--config.optimizer.learning_rate=0.0", "'optimizer.learning_rate' must be a finite"),
     ("--config.batch_size=0", "'batch_size' must be >= 1"),
     ("--config.model.width_multiplier=-1.0", "'model.width_multiplier' must be in (0, 8.0]"),
     ("--config.optimizer.boundaries=(250,200)", "'optimizer.boundaries' must be strictly"),
@@ -224,7 +224,7 @@ def test_bad_config_is_one_line(flag, message):
 @pytest.mark.slow
 @pytest.mark.parametrize("flag, message", [  # a flag that does not parse; a value out of range
     ("--config.num_epochs=ten", "--config.num_epochs=ten"),
-    ("--config.optimizer.learning_rate=0.0", "'optimizer.learning_rate' must be a finite number > 0"),
+    ("--config.optimizer.learning_rate=0.0", "'optimizer.learning_rate' must be a finite"),
 ])
 def test_bad_config_through_main_is_one_line_before_any_compute(tmp_path, flag, message):
   r = run_main("--config=configs/all_cnn_c.py", f"--workdir={tmp_path / 'w'}", flag)

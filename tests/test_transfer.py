@@ -1,7 +1,7 @@
 """Transfer learning: frozen backbone (step 1), fine-tuning (step 2), source checks."""
 
-import json
 import glob
+import json
 import os
 import shutil
 
