@@ -9,9 +9,10 @@ import sys
 import threading
 import time
 
+import jax.numpy as jnp
 import pytest
 
-from allconv_jax import cli, files, train
+from allconv_jax import cli, files, optim, train
 from allconv_jax.errors import UserError
 from tests.helpers import ROOT, metrics, popen_main, run, tiny_config, tiny_flags
 
@@ -204,13 +205,14 @@ def test_second_process_on_a_workdir_is_refused(tmp_path):
 
 
 def test_a_stop_signal_never_saves_non_finite_weights(finished_run, monkeypatch):
-  """Resume a finished run with learning_rate=inf and stop it mid-epoch: nothing is saved."""
+  """Resume a finished run with an infinite rate (a schedule that config checks cannot see)
+  and stop it mid-epoch: nothing is saved."""
   workdir = finished_run()
   saved = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   monkeypatch.setattr(train, "should_stop", lambda event: True)
+  monkeypatch.setattr(optim, "make_schedule", lambda *args: lambda step: jnp.float32(jnp.inf))
   with pytest.raises(train.TrainingDiverged, match="not finite"):
-    train.train_and_evaluate(tiny_config(num_epochs=2, optimizer__learning_rate=float("inf")),
-                             workdir)
+    train.train_and_evaluate(tiny_config(num_epochs=2), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == saved
 
 
