@@ -8,7 +8,8 @@ each run trained until its validation accuracy stops improving.
 The paper's protocol (section 3.1) compressed to fit about four hours of a 2-core CPU: width
 x0.25, EPOCHS epochs with the rate x0.1 at the same fractions of the run as the paper's
 200/250/300 of 350, GCN + ZCA, no augmentation unless a stage says so, bfloat16 compute (the
-stage `cifar10_float32` repeats All-CNN-C in float32 to show that it trains the same). Each
+stage `cifar10_float32` repeats All-CNN-C in float32 to show that it trains the same), and
+All-CNN-C and Model C again with seeds 1 and 2 to show the seed spread. Each
 network's rate is chosen from RATES (the paper's grid less the two rates that killed
 quarter-width nets in results/trainability/) on validation accuracy after SELECT epochs, before
 the first decay; only the chosen run goes on to the end.
@@ -74,4 +75,6 @@ def get_study() -> list[dict[str, object]]:
       stage("cifar10_augment", ("all_cnn_c",), SELECT,
             (*cifar10, *BFLOAT16, "--config.data.augment=True")),
       stage("cifar10_float32", ("all_cnn_c",), SELECT, cifar10),
+      stage("cifar10_seed2", ("all_cnn_c", "model_c"), SELECT,
+            (*cifar10, *BFLOAT16, "--config.seed=2")),
   ]

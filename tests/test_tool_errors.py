@@ -163,12 +163,58 @@ def test_reports_and_the_study_export_write_no_machine_paths(finished_run, tmp_p
   assert report.folder("/a/run", "/b/report") is None  # nothing shared but the root: no path
 
 
-def test_the_committed_reduced_study_report_holds_no_machine_path():
-  folder = os.path.join(ROOT, "results", "study_reduced")
-  for name in (report.STUDY_MD, "results.md"):
-    with open(os.path.join(folder, name)) as f:
-      text = f.read()
-    assert not ABSOLUTE.search(text), name
+def test_the_study_export_names_machine_paths_and_a_fresh_machine_puts_its_own_back(
+    finished_run, tmp_path):
+  run = finished_run(name="first/s/all_cnn_c/lr0.05")
+  data_dir = str(tmp_path / "cifar")
+  plan = {"overrides": [f"--config.data.dir={data_dir}"], "stages": [
+      {"name": "s", "configs": ["all_cnn_c"], "learning_rates": [0.05], "select_epochs": 0,
+       "overrides": [], "compare": "paper"}]}
+  edit_json(os.path.join(run, "config.json"), data__dir=data_dir)
+  edit_json(os.path.join(run, "results.json"), config__data__dir=data_dir)
+  command = (f"{sys.executable} {ROOT}/main.py --config={ROOT}/configs/all_cnn_c.py "
+             f"--config.data.dir={data_dir} --workdir={run}")
+  with open(os.path.join(run, "invocations.jsonl"), "w") as f:
+    f.write(json.dumps({"command": command}) + "\n")
+  out = tmp_path / "out"
+  study.export(str(tmp_path / "first"), str(out), plan)
+  exported = out / "s" / "all_cnn_c" / "lr0.05"
+  for name in os.listdir(exported):
+    text = (exported / name).read_text()
+    assert not ABSOLUTE.search(text) and str(tmp_path) not in text, (name, text)
+  python = os.path.basename(sys.executable)
+  assert json.loads((exported / "invocations.jsonl").read_text())["command"] == (
+      f"{python} REPO/main.py --config=REPO/configs/all_cnn_c.py --config.data.dir=DATA_DIR "
+      "--workdir=ROOT/s/all_cnn_c/lr0.05")
+  assert json.loads((exported / "config.json").read_text())["data"]["dir"] == "DATA_DIR"
+
+  # Another machine: its own root and data folder go back in, so the run counts as finished.
+  second, other_data = tmp_path / "second", str(tmp_path / "data")
+  plan["overrides"] = [f"--config.data.dir={other_data}"]
+  assert study.restore(str(out), str(second), plan) == 1
+  restored = second / "s" / "all_cnn_c" / "lr0.05"
+  assert json.loads((restored / "config.json").read_text())["data"]["dir"] == other_data
+  assert json.loads((restored / "results.json").read_text())["config"]["data"]["dir"] == other_data
+  assert json.loads((restored / "invocations.jsonl").read_text())["command"].endswith(
+      f"--config.data.dir={other_data} --workdir={restored}")
+  point = sweep.plan(["all_cnn_c"], [0.05], str(second / "s"),
+                     [*(f for f in tiny_flags(num_epochs=1) if "learning_rate=" not in f),
+                      f"--config.data.dir={other_data}"])[0]
+  assert point.workdir == str(restored) and sweep.finished_results(point) is not None
+
+
+def test_the_committed_results_hold_no_machine_path():
+  """Run files and reports under results/ (its READMEs give example commands, PNGs are images)."""
+  checked = 0
+  for folder, _, names in os.walk(os.path.join(ROOT, "results")):
+    for name in names:
+      if name == "README.md" or name.endswith(".png"):
+        continue
+      with open(os.path.join(folder, name), encoding="utf-8") as f:
+        match = ABSOLUTE.search(f.read())
+      assert match is None, (os.path.join(folder, name), match)
+      checked += 1
+  assert checked > 100
 
 
 # ----------------------------------------------------------------------------- any folder

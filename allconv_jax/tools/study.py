@@ -19,7 +19,9 @@ into ROOT first (without checkpoints). After each run the small files of every f
 (config.json, results.json, metrics.jsonl, sweep.log, invocations.jsonl: command, git commit,
 machine, wall time) are copied to OUT/<stage>/<config>/lr<rate>/, with OUT/study.json (the
 plan) and the report (`report.write_study_report`: study.md, results.md, curve PNGs)
-regenerated from them.
+regenerated from them. OUT names this machine's paths instead of giving them: ROOT, REPO (this
+code), python3, and an override's path by its key (--config.data.dir=/x: DATA_DIR); copying
+back into ROOT puts this machine's paths in again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import dataclasses
 import importlib.util
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -198,10 +199,32 @@ def plan_json(stages: Sequence[Stage], overrides: Sequence[str]) -> dict[str, An
       {**dataclasses.asdict(s), "configs": [stem(c) for c in s.configs]} for s in stages]}
 
 
-def copy_runs(source: str, target: str, only_missing: bool = False) -> int:
+def machine_paths(root: str, plan: dict[str, Any]) -> list[tuple[str, str]]:
+  """(this machine's path, the name OUT gives it): the study root ('ROOT'), this code ('REPO'),
+  the Python ('python3') and each absolute path given as an override ('--config.data.dir=/x':
+  'DATA_DIR'); the longest first, so that a path inside another keeps its own name."""
+  names = {os.path.abspath(root): "ROOT", cli.REPO_ROOT: "REPO",
+           sys.executable: os.path.basename(sys.executable)}
+  for flag in [*plan["overrides"], *(f for s in plan["stages"] for f in s["overrides"])]:
+    key, _, value = flag.partition("=")
+    if os.path.isabs(value) and not WINNER.search(value):
+      names.setdefault(os.path.normpath(value),
+                       key.removeprefix("--config.").replace(".", "_").upper())
+  return sorted(names.items(), key=lambda pair: -len(pair[0]))
+
+
+def replace_paths(text: str, pairs: Sequence[tuple[str, str]]) -> str:
+  """`text` with each whole path (or name) `old` of `pairs` replaced by `new`, in order."""
+  for old, new in pairs:
+    text = re.sub(rf"(?<![\w./-]){re.escape(old)}(?![\w.-])", lambda _, n=new: n, text)
+  return text
+
+
+def copy_runs(source: str, target: str, only_missing: bool = False,
+              paths: Sequence[tuple[str, str]] = ()) -> int:
   """Copies the small files of every finished run (a folder holding results.json) below
-  `source` to the same place below `target` (with only_missing, only runs `target` lacks);
-  returns how many runs were copied."""
+  `source` to the same place below `target` (with only_missing, only runs `target` lacks),
+  replacing `paths` (see replace_paths) in them; returns how many runs were copied."""
   copied = 0
   for folder, dirs, names in os.walk(source):
     dirs[:] = sorted(d for d in dirs if d not in report.SKIP_DIRS)
@@ -212,16 +235,28 @@ def copy_runs(source: str, target: str, only_missing: bool = False) -> int:
     os.makedirs(destination, exist_ok=True)
     for name in EXPORTED_FILES:
       if name in names:
-        shutil.copyfile(os.path.join(folder, name), os.path.join(destination, name))
+        with open(os.path.join(folder, name), "rb") as f:
+          text = replace_paths(f.read().decode("utf-8", "surrogateescape"), paths)
+        data = text.encode("utf-8", "surrogateescape")
+        files.write_atomic(os.path.join(destination, name), lambda f, d=data: f.write(d),
+                           binary=True)
     copied += 1
   return copied
 
 
 def export(root: str, out: str, plan: dict[str, Any]) -> None:
-  """Copies every finished run's small files to OUT (same layout) and regenerates the report."""
-  copy_runs(root, out)
+  """Copies every finished run's small files to OUT (same layout, this machine's paths by
+  name: machine_paths) and regenerates the report."""
+  copy_runs(root, out, paths=machine_paths(root, plan))
   files.write_json(os.path.join(out, STUDY_JSON), plan)
   report.write_study_report(out, out)
+
+
+def restore(out: str, root: str, plan: dict[str, Any]) -> int:
+  """Copies the finished runs exported to OUT that ROOT lacks into ROOT, with this machine's
+  paths put back in; returns how many."""
+  return copy_runs(out, root, only_missing=True,
+                   paths=[(name, path) for path, name in machine_paths(root, plan)])
 
 
 def run_study(stages: Sequence[Stage], root: str, overrides: Sequence[str] = (),
@@ -237,7 +272,7 @@ def run_study(stages: Sequence[Stage], root: str, overrides: Sequence[str] = (),
   os.makedirs(root, exist_ok=True)
   files.write_json(os.path.join(root, STUDY_JSON), plan)
   if out and os.path.isdir(out):  # a fresh machine: OUT (committed) knows the finished runs
-    restored = copy_runs(out, root, only_missing=True)
+    restored = restore(out, root, plan)
     if restored:
       echo(f"restored {restored} finished run(s) from {out} into {root} (without checkpoints: "
            "a stage that starts from one of them trains it again)")
