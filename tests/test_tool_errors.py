@@ -179,9 +179,9 @@ def test_the_study_export_names_machine_paths_and_a_fresh_machine_puts_its_own_b
   out = tmp_path / "out"
   study.export(str(tmp_path / "first"), str(out), plan)
   exported = out / "s" / "all_cnn_c" / "lr0.05"
-  for name in os.listdir(exported):
-    text = (exported / name).read_text()
-    assert not ABSOLUTE.search(text) and str(tmp_path) not in text, (name, text)
+  for path in [out / report.STUDY_JSON, *exported.iterdir()]:
+    text = path.read_text()
+    assert not ABSOLUTE.search(text) and str(tmp_path) not in text, (path, text)
   python = os.path.basename(sys.executable)
   assert json.loads((exported / "invocations.jsonl").read_text())["command"] == (
       f"{python} REPO/main.py --config=REPO/configs/all_cnn_c.py --config.data.dir=DATA_DIR "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -247,8 +248,10 @@ def copy_runs(source: str, target: str, only_missing: bool = False,
 def export(root: str, out: str, plan: dict[str, Any]) -> None:
   """Copies every finished run's small files to OUT (same layout, this machine's paths by
   name: machine_paths) and regenerates the report."""
-  copy_runs(root, out, paths=machine_paths(root, plan))
-  files.write_json(os.path.join(out, STUDY_JSON), plan)
+  paths = machine_paths(root, plan)
+  copy_runs(root, out, paths=paths)
+  files.write_text(os.path.join(out, STUDY_JSON),
+                   replace_paths(json.dumps(plan, indent=2) + "\n", paths))
   report.write_study_report(out, out)
 
 
