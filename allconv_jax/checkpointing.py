@@ -179,12 +179,10 @@ class Checkpoints:
     path = os.path.join(folder, ITEM)
     if not os.path.isdir(path):
       raise FileNotFoundError(f"{path} is missing")
-    if os.path.exists(os.path.join(folder, CHECKSUMS)):
-      if files.read_json(os.path.join(folder, CHECKSUMS)) != step_checksums(folder):
-        raise ValueError("its files do not match the checksums saved with it")
-    elif any(os.path.exists(os.path.join(self.directory, str(s), CHECKSUMS))
-             for s in self.steps()):  # only steps saved before checksums existed lack them
+    if not os.path.exists(os.path.join(folder, CHECKSUMS)):  # every save writes one
       raise ValueError("its checksum file is missing, so its contents cannot be verified")
+    if files.read_json(os.path.join(folder, CHECKSUMS)) != step_checksums(folder):
+      raise ValueError("its files do not match the checksums saved with it")
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(path, abstract)
 
@@ -243,13 +241,12 @@ class Checkpoints:
 
 def saved_shapes(step_folder: str) -> dict[str, tuple[int, ...]] | None:
   """{'backbone/stage1_conv1/kernel': shape, ...} of the parameters a checkpoint step holds,
-  from its metadata; None for a step whose files fail their checksums or whose metadata cannot
-  be read (restoring it says why). orbax is not let near files known to be damaged: its failed
-  reads echo tracebacks from its threads."""
+  from its metadata; None for a step whose files lack or fail their checksums or whose metadata
+  cannot be read (restoring it says why). orbax is not let near files known to be damaged: its
+  failed reads echo tracebacks from its threads."""
   checksums = os.path.join(step_folder, CHECKSUMS)
   try:
-    if os.path.exists(checksums) and (files.read_json(checksums)
-                                      != step_checksums(step_folder)):
+    if not os.path.exists(checksums) or files.read_json(checksums) != step_checksums(step_folder):
       return None
   except (OSError, UserError):
     return None

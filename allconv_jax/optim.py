@@ -26,13 +26,18 @@ MAX_STEP = 2**31 - 1  # optax counts steps in int32
 
 def check_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
   """UserError where the schedule cannot be what the config says at this many steps per epoch:
-  two boundaries on the same step (a decay would be lost), or a step beyond int32."""
+  a boundary on step 0 or two on the same step (a decay would be lost), or a step beyond
+  int32."""
   for key, epochs in (("boundaries", max(opt.boundaries, default=0)),
                       ("warmup_epochs", opt.warmup_epochs)):
     if epochs * steps_per_epoch > MAX_STEP:
       raise UserError(f"optimizer.{key} ({epochs:g} epochs) is beyond the last step a schedule "
                       f"can count ({MAX_STEP:,} at {steps_per_epoch} steps per epoch)")
   bounds = list(opt.boundaries)
+  if bounds and round(bounds[0] * steps_per_epoch) == 0:
+    raise UserError(f"optimizer.boundaries {bounds[0]:g} falls on step 0 at {steps_per_epoch} "
+                    "steps per epoch, so the rate would be decayed before the first step; set "
+                    "it later")
   for a, b in zip(bounds, bounds[1:], strict=False):
     if round(a * steps_per_epoch) == round(b * steps_per_epoch):
       raise UserError(f"optimizer.boundaries {a:g} and {b:g} fall on the same step "

@@ -313,6 +313,25 @@ def test_a_foreign_cache_folder_is_not_used(cache, monkeypatch):
   assert not os.listdir(temp) and not os.listdir(cache)
 
 
+def test_a_library_without_the_convolutions_is_one_line_not_a_traceback(cache, tmp_path):
+  """The limit of the trust model: a library the user's own account put in the cache with a
+  matching manifest is loaded. If it lacks the convolutions, that is an OSError (one line, and
+  `auto` falls back to XLA), not an AttributeError traceback."""
+  helpers.require_onednn()
+  (tmp_path / "stub.c").write_text("int allconv_stub = 1;\n")
+  stub = str(tmp_path / "stub.so")
+  subprocess.run([onednn._compiler(), "-shared", "-fPIC", "-x", "c++", str(tmp_path / "stub.c"),
+                  "-o", stub], check=True)
+  cxx, log = fake_compiler(tmp_path, stub)  # "builds" the stub, manifest and all
+  code = ("from allconv_jax import cpu\n"  # a process of its own: dlopen reuses a loaded path
+          "print(cpu.choose('auto', 'auto', 'float32'))\n")
+  r = helpers.run([sys.executable, "-c", code], timeout=120,
+                  env={"XDG_CACHE_HOME": str(tmp_path / "xdg"), "CXX": cxx})
+  assert r.returncode == 0 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+  assert "backend='xla'" in r.stdout and "has no AllconvConv" in r.stdout, r.stdout
+  assert "so it is not this installation's build" in r.stdout and calls(log) == 1
+
+
 def test_a_truncated_library_is_rebuilt_by_the_next_process(built, cache, tmp_path):
   """A library cut short in the cache crashed every later run with a bus error; now the next
   process rebuilds it and runs a convolution."""

@@ -118,6 +118,25 @@ def test_flipped_bytes_inside_a_checkpoint_are_detected(tmp_path):
   assert os.listdir(tmp_path / "corrupt_checkpoints") == ["16"]
 
 
+def test_deleting_every_checksum_file_does_not_turn_the_check_off(tmp_path):
+  """A step without its checksum file cannot be verified, even when no step has one left: it is
+  set aside, never restored unverified."""
+  import jax.numpy as jnp
+
+  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
+  ckpts.save(8, {"a": jnp.arange(4096.0)})
+  ckpts.save(16, {"a": jnp.arange(4096.0) + 1})
+  ckpts.close()
+  os.remove(tmp_path / "checkpoints" / "16" / checkpointing.CHECKSUMS)
+  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=5)
+  step, _ = ckpts.restore_newest({"a": jnp.zeros(4096)})
+  assert step == 8 and os.listdir(tmp_path / "corrupt_checkpoints") == ["16"]
+  os.remove(tmp_path / "checkpoints" / "8" / checkpointing.CHECKSUMS)
+  with pytest.raises(UserError, match="no usable checkpoint"):
+    ckpts.restore_newest({"a": jnp.zeros(4096)})
+  ckpts.close()
+
+
 # ----------------------------------------------------------------------------- NaN, dead networks
 
 

@@ -158,11 +158,13 @@ def test_warmup_rises_linearly_then_joins_the_schedule():
     ((1e300,), 0.0, "optimizer.boundaries (1e+300 epochs) is beyond the last step"),
     ((200,), 1e9, "optimizer.warmup_epochs (1e+09 epochs) is beyond the last step"),
     ((1e308, 1.5e308), 0.0, "optimizer.boundaries (1.5e+308 epochs) is beyond"),
+    ((0.01, 200), 0.0, "optimizer.boundaries 0.01 falls on step 0 at 8 steps per epoch"),
 ])
 def test_a_schedule_that_cannot_be_counted_is_one_line_before_any_compute(tmp_path, boundaries,
                                                                           warmup, message):
   """Valid numbers (validate passes them) that the schedule cannot honour at this run's steps
-  per epoch (8): a lost decay, or steps beyond int32 (no OverflowError)."""
+  per epoch (8): a decay before the first step or a lost one, or steps beyond int32 (no
+  OverflowError)."""
   config = tiny_config(optimizer__boundaries=boundaries, optimizer__warmup_epochs=warmup)
   config_lib.validate(config)
   with pytest.raises(UserError) as e:

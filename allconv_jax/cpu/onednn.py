@@ -299,8 +299,13 @@ def load() -> None:
   lib = _dlopen(_compiler(), _prefix())
   for role, op in ROLES.items():
     for dtype, suffix in DTYPES.items():
-      jax.ffi.register_ffi_target(_target(role, dtype),
-                                  jax.ffi.pycapsule(getattr(lib, f"AllconvConv{op}{suffix}")),
+      symbol = f"AllconvConv{op}{suffix}"
+      try:
+        function = getattr(lib, symbol)
+      except AttributeError:  # a library that is not this source's build
+        raise OSError(f"the oneDNN library loaded from {_cache_dir()} has no {symbol}, so it "
+                      "is not this installation's build: delete that folder") from None
+      jax.ffi.register_ffi_target(_target(role, dtype), jax.ffi.pycapsule(function),
                                   platform="cpu")
 
 
