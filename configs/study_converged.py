@@ -5,11 +5,13 @@ each run trained until its validation accuracy stops improving.
       --root=/tmp/allconv/study_converged --out=results/study_converged \
       --config.data.source=local --config.data.dir=/tmp/cifar
 
-The paper's protocol (section 3.1) compressed to fit about four hours of a 2-core CPU: width
+The paper's protocol (section 3.1) compressed to fit a 2-core CPU (8.1 hours in all): width
 x0.25, EPOCHS epochs with the rate x0.1 at the same fractions of the run as the paper's
-200/250/300 of 350, GCN + ZCA, no augmentation unless a stage says so, bfloat16 compute (the
-stage `cifar10_float32` repeats All-CNN-C in float32 to show that it trains the same), and
-All-CNN-C and Model C again with seeds 1 and 2 to show the seed spread. Each
+200/250/300 of 350, GCN + ZCA, no augmentation unless a stage says so, bfloat16 compute, and
+All-CNN-C and Model C again with seeds 1 and 2 to show the seed spread. The stage
+`cifar10_float32` repeats All-CNN-C in float32: the same at rate 0.01, but at 0.05 only the
+float32 run kept its class channels, so `cifar10_float32_lr0.05` trains the whole family in
+float32 at 0.05. Each
 network's rate is chosen from RATES (the paper's grid less the two rates that killed
 quarter-width nets in results/trainability/) on validation accuracy after SELECT epochs, before
 the first decay; only the chosen run goes on to the end.
