@@ -206,11 +206,13 @@ def median_seconds(fn: Any, *args: Any, repeats: int) -> float:
 
 
 def time_convs(convs: list[Conv], repeats: int) -> None:
-  key = jax.random.key(0)
+  """Each convolution rebuilt alone and timed on random operands (made with NumPy: a
+  jax.random program would compile again for every shape)."""
+  rng = np.random.default_rng(0)
   for conv in convs:
     dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}[conv.dtype]
-    lhs = jax.random.normal(key, conv.lhs, dtype)
-    rhs = jax.random.normal(jax.random.fold_in(key, 1), conv.rhs, dtype)
+    lhs = jnp.asarray(rng.standard_normal(conv.lhs, dtype=np.float32), dtype)
+    rhs = jnp.asarray(rng.standard_normal(conv.rhs, dtype=np.float32), dtype)
     conv.ms = 1e3 * median_seconds(conv_fn(conv), lhs, rhs, repeats=repeats)
 
 

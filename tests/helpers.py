@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from allconv_jax.config import flatten, get_config
 
@@ -29,6 +30,12 @@ def require_onednn() -> None:
     pytest.skip("the oneDNN convolutions are built on x86-64 Linux only")
   assert onednn.missing() is None, onednn.missing()
   onednn.load()
+
+
+def normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+  """Standard-normal float32 test inputs from NumPy: unlike jax.random.normal, no program to
+  compile for every new shape."""
+  return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
 def untimed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -112,7 +112,7 @@ def test_strided_dropout_follows_the_strided_conv():
 def test_dropout_only_in_training():
   model = make(width_multiplier=0.1)
   params = models.init_params(model, jax.random.key(0))
-  x = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
+  x = helpers.normal(2, (4, 32, 32, 3))
   e1 = model.apply({"params": params}, x, train=False)
   e2 = model.apply({"params": params}, x, train=False)
   np.testing.assert_array_equal(e1, e2)
@@ -135,7 +135,7 @@ def test_bfloat16_compute_float32_params():
   model = make(width_multiplier=0.1, dtype=jnp.bfloat16)
   params = models.init_params(model, jax.random.key(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  x = helpers.normal(1, (2, 32, 32, 3))
   logits, state = model.apply({"params": params}, x, mutable=["intermediates"])
   assert logits.dtype == jnp.float32
   assert state["intermediates"]["backbone"]["stage1_conv1_act"][0].dtype == jnp.bfloat16
@@ -156,7 +156,7 @@ def test_he_normal_and_zero_bias_defaults():
 
 
 def test_final_relu_switch():
-  x = jax.random.normal(jax.random.key(5), (8, 32, 32, 3))
+  x = helpers.normal(5, (8, 32, 32, 3))
   on = make(width_multiplier=0.1, bias_init=-10.0)  # every class map negative
   params = models.init_params(on, jax.random.key(0))
   assert float(jnp.abs(on.apply({"params": params}, x)).max()) == 0.0
@@ -224,9 +224,9 @@ POLYPHASE_CASES = [(32, 3, 2, "SAME"), (16, 3, 2, "SAME"), (32, 5, 2, "SAME"), (
 @pytest.mark.parametrize("size, kernel, stride, padding", POLYPHASE_CASES)
 def test_polyphase_gradients_equal_autodiff(size, kernel, stride, padding):
   dn = ("NHWC", "HWIO", "NHWC")
-  keys = jax.random.split(jax.random.key(size * kernel + stride), 3)
-  x = jax.random.normal(keys[0], (2, size, size, 3))
-  w = jax.random.normal(keys[1], (kernel, kernel, 3, 4))
+  seed = 3 * (size * kernel + stride)
+  x = helpers.normal(seed, (2, size, size, 3))
+  w = helpers.normal(seed + 1, (kernel, kernel, 3, 4))
 
   def ref(x, w):
     return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
@@ -236,7 +236,7 @@ def test_polyphase_gradients_equal_autodiff(size, kernel, stride, padding):
 
   y = ref(x, w)
   np.testing.assert_array_equal(ours(x, w), y)
-  g = jax.random.normal(keys[2], y.shape)
+  g = helpers.normal(seed + 2, y.shape)
   want = jax.grad(lambda x, w: jnp.vdot(ref(x, w), g), (0, 1))(x, w)
   got = jax.grad(lambda x, w: jnp.vdot(ours(x, w), g), (0, 1))(x, w)
   assert "custom_vjp" in str(jax.make_jaxpr(ours)(x, w))
@@ -256,7 +256,7 @@ def test_polyphase_leaves_unstrided_convolutions_to_lax():
                                   pytest.param("strided_cnn_b", marks=pytest.mark.slow),
                                   "all_cnn_c"])
 def test_polyphase_network_gradients_equal_xla(name):
-  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  x = helpers.normal(0, (2, 32, 32, 3))
   fast = make(name, width_multiplier=0.125, polyphase_grad=True)
   plain = make(name, width_multiplier=0.125, polyphase_grad=False)
   params = models.init_params(plain, jax.random.key(1))
@@ -297,7 +297,7 @@ def test_dead_relu_fractions_in_layer_order():
   assert list(dead) == [*names, "classifier"] and all(f == 1.0 for f in dead.values())
   model = make(width_multiplier=0.1, final_relu=False)
   params = models.init_params(model, jax.random.key(0))
-  images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+  images = helpers.normal(1, (8, 32, 32, 3))
   alive = models.dead_relu_fractions(model, params, images)
   assert "classifier" not in alive and alive["stage1_conv1"] < 1.0
 

@@ -44,10 +44,10 @@ CASES = [(9, 3, (1, 1), ((1, 1), (1, 1)), 5), (10, 3, (2, 2), ((1, 1), (1, 1)), 
 @pytest.mark.parametrize("size, kernel, strides, pads, cin", CASES)
 def test_forward_and_gradients_equal_xla(size, kernel, strides, pads, cin):
   helpers.require_onednn()
-  keys = jax.random.split(jax.random.key(size * kernel + strides[0]), 4)
-  x = jax.random.normal(keys[0], (3, size, size, cin))
-  w = jax.random.normal(keys[1], (kernel, kernel, cin, 7))
-  b = jax.random.normal(keys[2], (7,))
+  seed = 4 * (size * kernel + strides[0])
+  x = helpers.normal(seed, (3, size, size, cin))
+  w = helpers.normal(seed + 1, (kernel, kernel, cin, 7))
+  b = helpers.normal(seed + 2, (7,))
 
   def xla(x, w, b):
     return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN) + b
@@ -59,7 +59,7 @@ def test_forward_and_gradients_equal_xla(size, kernel, strides, pads, cin):
   got = jax.jit(ours)(x, w, b)
   assert got.shape == y.shape
   np.testing.assert_allclose(got, y, rtol=1e-4, atol=1e-5 * float(jnp.abs(y).max()))
-  g = jax.random.normal(keys[3], y.shape)
+  g = helpers.normal(seed + 3, y.shape)
   grad = jax.jit(jax.grad(lambda x, w, b: jnp.vdot(ours(x, w, b), g), (0, 1, 2)))
   assert "allconv_onednn_conv_f_float32" in jax.jit(ours).lower(x, w, b).as_text()
   hlo = grad.lower(x, w, b).as_text()  # the forward pass is not needed there
@@ -109,7 +109,7 @@ def network_loss_and_grads(name: str, options: models.ConvOptions) -> Any:
   init = models.AllConvNet(arch=name, num_classes=10, width_multiplier=0.25)
   model = models.AllConvNet(arch=name, num_classes=10, width_multiplier=0.25, options=options)
   params = models.init_params(init, jax.random.key(1))
-  x = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
+  x = helpers.normal(0, (16, 32, 32, 3))
   labels = jnp.arange(16) % 10
 
   def loss(params):
