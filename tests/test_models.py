@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +123,21 @@ def test_dropout_only_in_training():
   no_drop = make(width_multiplier=0.1, input_dropout=0.0, dropout=0.0)
   t3 = no_drop.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
   np.testing.assert_allclose(t3, e1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, dtype", [((4, 9, 7, 5), jnp.float32), ((3, 5), jnp.float32),
+                                          ((2, 6, 6, 4), jnp.bfloat16)])
+def test_flat_mask_dropout_is_flax_dropout_bit_for_bit(shape, dtype):
+  """The network's dropout draws its mask flat (a faster compile); the numbers are Flax's."""
+  x = jnp.asarray(helpers.normal(7, shape), dtype)
+  for rate in (0.2, 0.5):
+    for seed in (0, 1):
+      rngs = {"dropout": jax.random.key(seed)}
+      want = nn.Dropout(rate, deterministic=False, name="d").apply({}, x, rngs=rngs)
+      got = models.FlatMaskDropout(rate, name="d").apply({}, x, True, rngs=rngs)
+      assert got.dtype == want.dtype
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  assert models.FlatMaskDropout(0.5).apply({}, x, False) is x
 
 
 def test_width_multiplier_rounds_and_keeps_one():
@@ -310,6 +326,17 @@ def test_kernel_initializers_variance(init, std):
   assert abs(float(jnp.std(w)) / std - 1) < 0.01 and abs(float(jnp.mean(w))) < 0.01 * std
   if init == "caffe_xavier":
     assert float(jnp.max(jnp.abs(w))) <= (3 / 27) ** 0.5
+
+
+@pytest.mark.parametrize("init", models.KERNEL_INITS)
+def test_kernel_initializers_are_flax_initializers_bit_for_bit(init):
+  """Kernels are drawn as (H*W, I, O) for a faster compile: the values and their fans are
+  those of the library initializer on the HWIO shape."""
+  for shape in [(3, 3, 5, 7), (1, 1, 6, 10), (5, 2, 3, 4)]:
+    key = jax.random.key(sum(shape))
+    want = models.library_initializer(init, 0.05)(key, shape, jnp.float32)
+    got = models.kernel_initializer(init, 0.05)(key, shape, jnp.float32)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_no_bias_switch_removes_every_bias():
